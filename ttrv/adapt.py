@@ -1,0 +1,371 @@
+"""The adaptation loop: greedy answers before, rounds of GRPO steps, greedy answers after.
+
+Everything observable goes to the caller's sink (see `ttrv.events`); `stop()` is polled
+between steps. A checkpoint (adapter + optimiser state, safetensors, plus a JSON state) is
+written after every round and on stop, so a run can resume where it left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import guard as guard_mod
+from .answers import INVALID
+from .config import AdaptConfig
+from .events import RolloutRecord, Sink, StepRecord, null_sink
+from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
+from .rewards import group_advantages, make_reward
+from .rollout import Group, ImageCache, Policy, greedy_answers, rollout_group, wants_token_type_ids
+from .tasks import Item, option_orders
+
+STATE_FILE = "state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class AdaptResult:
+    status: str  # done | stopped | guard_stopped
+    steps: int
+    reason: str
+    before: list[dict[str, str]]
+    after: list[dict[str, str]]
+    checkpoint: Path | None = None
+    history: list[StepRecord] = field(default_factory=list)
+
+
+def make_policy(loaded: Any, cache_images: bool = True) -> Policy:
+    from .loading import eos_token_ids, suppressed_token_ids
+
+    tok = loaded.tokenizer
+    eos = eos_token_ids(tok, loaded.model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    return Policy(
+        model=loaded.model,
+        processor=loaded.processor,
+        tokenizer=tok,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        eos=eos,
+        pad=pad,
+        suppress=suppressed_token_ids(tok, loaded.model),
+        cache=ImageCache(loaded.model, enabled=cache_images),
+        keep_token_type_ids=wants_token_type_ids(loaded.model),
+    )
+
+
+def answer_stats(answers: list[str]) -> tuple[float, float, float]:
+    """(consensus, entropy in nats, invalid rate) of one group's answers."""
+    counts = Counter(a for a in answers if a != INVALID)
+    n = len(answers)
+    consensus = max(counts.values()) / n if counts else 0.0
+    entropy = -sum(c / n * math.log(c / n) for c in Counter(answers).values())
+    invalid = sum(a == INVALID for a in answers) / n
+    return consensus, entropy, invalid
+
+
+def is_converged(group: Group) -> bool:
+    """Every rollout gave the same valid answer: nothing left to learn from this image."""
+    return len(set(group.answers)) == 1 and group.answers[0] != INVALID
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def lora_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    folder: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> Path:
+    """Adapter weights, optimiser moments (both safetensors) and the loop state (JSON)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = lora_params(model)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, folder / ADAPTER_FILE)
+    moments: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        st = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                moments[f"{name}::{key}"] = st[key].detach().cpu().contiguous()
+        if "step" in st:
+            moments[f"{name}::step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+    save_file(moments, folder / OPTIMIZER_FILE)
+    tmp = folder / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(folder / STATE_FILE)  # the state file appears last: its presence = complete
+    return folder
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    folder = Path(folder)
+    if not (folder / STATE_FILE).exists():
+        raise FileNotFoundError(f"No complete checkpoint in {folder} (missing {STATE_FILE}).")
+    params = lora_params(model)
+    weights = load_file(folder / ADAPTER_FILE)
+    missing = set(params) - set(weights)
+    if missing:
+        raise ValueError(
+            f"Checkpoint {folder} does not match this LoRA configuration "
+            f"({len(missing)} adapter tensors missing)."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    moments = load_file(folder / OPTIMIZER_FILE) if (folder / OPTIMIZER_FILE).exists() else {}
+    for name, p in params.items():
+        if f"{name}::exp_avg" in moments:
+            optimizer.state[p] = {
+                "exp_avg": moments[f"{name}::exp_avg"].to(p.device),
+                "exp_avg_sq": moments[f"{name}::exp_avg_sq"].to(p.device),
+                "step": moments[f"{name}::step"].reshape(()).to(torch.float32),
+            }
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lora_params(model).items()}
+
+
+def restore(model: Any, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in lora_params(model).items():
+            p.copy_(weights[name])
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def round_order(items: list[Item], active: set[str], seed: int, rnd: int) -> list[str]:
+    ids = [it.image_id for it in items if it.image_id in active]
+    random.Random(f"{seed}:order:{rnd}").shuffle(ids)
+    return ids
+
+
+def run_step(
+    policy: Policy,
+    batch: list[Item],
+    cfg: AdaptConfig,
+    step: int,
+    rnd: int,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    reward_fn: Callable,
+) -> tuple[StepRecord, list[RolloutRecord], list[Group]]:
+    """Rollouts, rewards, advantages and one GRPO update for the images of one step."""
+    t0 = time.perf_counter()
+    seed = cfg.optim.seed
+    torch.manual_seed(seed * 1_000_003 + step)
+    rng = random.Random(f"{seed}:train:{step}")
+    groups = []
+    for item in batch:
+        orders = option_orders(cfg.task, item, cfg.rollout.n_rollouts, seed, step)
+        g = rollout_group(policy, item, cfg.task, cfg.rollout, orders)
+        g.train_mask = select_trained(cfg.rollout.n_rollouts, cfg.rollout.n_train, rng)
+        groups.append(g)
+    components = [reward_fn(g.answers) for g in groups]
+    rewards = [[c["total"] for c in comp] for comp in components]
+    advantages = group_advantages(rewards, cfg.reward.scope())
+
+    lr = optimizer.param_groups[0]["lr"]
+    stats: UpdateStats = grpo_update(
+        policy,
+        groups,
+        advantages,
+        optimizer,
+        params,
+        temperature=cfg.rollout.temperature,
+        clip_eps=cfg.optim.clip_eps,
+        beta=cfg.optim.beta,
+        grad_clip=cfg.optim.grad_clip,
+    )
+    flat = [r for rs in rewards for r in rs]
+    per_group = [answer_stats(g.answers) for g in groups]
+    record = StepRecord(
+        step=step,
+        round=rnd,
+        reward_mean=sum(flat) / len(flat),
+        reward_std=float(torch.tensor(flat).std(unbiased=False)),
+        consensus=sum(s[0] for s in per_group) / len(groups),
+        entropy=sum(s[1] for s in per_group) / len(groups),
+        invalid_rate=sum(s[2] for s in per_group) / len(groups),
+        kl=stats.kl if stats.kl is not None else float("nan"),
+        loss=stats.loss,
+        grad_norm=stats.grad_norm,
+        lr=lr,
+        tokens=stats.tokens,
+        seconds=time.perf_counter() - t0,
+        groups=len(groups),
+        groups_skipped=stats.groups_skipped,
+    )
+    rollouts = [
+        RolloutRecord(
+            step=step,
+            image_id=g.item.image_id,
+            index=i,
+            response=g.responses[i],
+            answer=g.answers[i],
+            reward=comp[i]["total"],
+            components={k: v for k, v in comp[i].items() if k != "total"},
+            advantage=adv[i],
+            trained=g.train_mask[i],
+            option_order=list(g.encoded[g.prompt_index[i]].prompt.options) or None,
+        )
+        for g, comp, adv in zip(groups, components, advantages, strict=True)
+        for i in range(len(g.answers))
+    ]
+    return record, rollouts, groups
+
+
+def steps_per_run(cfg: AdaptConfig, n_images: int) -> int:
+    return cfg.optim.rounds * math.ceil(n_images / cfg.optim.images_per_step)
+
+
+def adapt(
+    loaded: Any,
+    items: list[Item],
+    cfg: AdaptConfig,
+    sink: Sink = null_sink,
+    stop: Callable[[], bool] = lambda: False,
+    output_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> AdaptResult:
+    """Adapt `loaded.model` (a LoRA-wrapped model) to `items` without labels."""
+    if not items:
+        raise ValueError("No images to adapt on: add at least one image.")
+    out = Path(output_dir) if output_dir else None
+    model = loaded.model
+    policy = make_policy(loaded)
+    params = list(lora_params(model).values())
+    if not params:
+        raise ValueError("The model has no trainable LoRA parameters: attach an adapter first.")
+    optimizer = make_optimizer(params, cfg.optim.learning_rate, cfg.optim.weight_decay)
+    total = steps_per_run(cfg, len(items))
+    warmup = int(cfg.optim.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.optim.schedule)
+    )
+    reward_fn = make_reward(cfg.reward, seed=cfg.optim.seed)
+    by_id = {it.image_id: it for it in items}
+    model.eval()
+
+    state: dict[str, Any]
+    if resume_from:
+        state = load_checkpoint(Path(resume_from), model, optimizer)
+        for _ in range(state["step"]):
+            scheduler.step()
+        before = state["before"]
+    else:
+        sink(
+            "run_start",
+            {
+                "config": cfg.to_dict(),
+                "images": [{"image_id": it.image_id, "name": it.name} for it in items],
+                "model": dict(getattr(loaded, "info", {}) or {}),
+            },
+        )
+        before = greedy_answers(policy, items, cfg.task, cfg.rollout)
+        sink("answers", {"phase": "before", "answers": before})
+        state = {
+            "step": 0,
+            "round": 0,
+            "position": 0,
+            "order": None,
+            "converged": [],
+            "before": before,
+        }
+
+    base_signals = guard_mod.signals([a["answer"] for a in before])
+    # Rollback target: the adapter as it stands at the start of this run (a fresh LoRA is a
+    # no-op), replaced by any later round whose signals are at least as healthy.
+    best_weights = snapshot(model)
+    best_score = guard_mod.score(base_signals, base_signals)
+    history: list[StepRecord] = []
+    status, reason = "done", "all rounds finished"
+    checkpoint: Path | None = Path(resume_from) if resume_from else None
+
+    def save(tag: str) -> None:
+        nonlocal checkpoint
+        if out is None:
+            return
+        checkpoint = save_checkpoint(out / "checkpoints" / tag, model, optimizer, state)
+        sink(
+            "checkpoint", {"round": state["round"], "step": state["step"], "path": str(checkpoint)}
+        )
+
+    while state["round"] < cfg.optim.rounds and status == "done":
+        rnd = state["round"]
+        converged = set(state["converged"]) if cfg.optim.skip_converged else set()
+        if state["order"] is None:
+            active = {it.image_id for it in items} - converged
+            state["order"] = round_order(items, active, cfg.optim.seed, rnd)
+            state["position"] = 0
+        order = state["order"]
+        if not order:
+            reason = "every image converged: all rollouts agree"
+            break
+        while state["position"] < len(order):
+            if stop():
+                status, reason = "stopped", "stop requested"
+                break
+            ids = order[state["position"] : state["position"] + cfg.optim.images_per_step]
+            batch = [by_id[i] for i in ids]
+            record, rollouts, groups = run_step(
+                policy, batch, cfg, state["step"], rnd, optimizer, params, reward_fn
+            )
+            scheduler.step()
+            sink("rollouts", {"step": record.step, "rollouts": [r.to_dict() for r in rollouts]})
+            sink("step", record.to_dict())
+            history.append(record)
+            state["step"] += 1
+            state["position"] += len(ids)
+            state["converged"] = sorted(
+                set(state["converged"]) | {g.item.image_id for g in groups if is_converged(g)}
+            )
+        if status != "done":
+            save(f"step-{state['step']}")
+            break
+        state["round"] += 1
+        state["order"] = None
+        answers = greedy_answers(policy, items, cfg.task, cfg.rollout)
+        sink("answers", {"phase": f"round-{rnd + 1}", "answers": answers})
+        now = guard_mod.signals([a["answer"] for a in answers])
+        if cfg.guard.guard:
+            verdict = guard_mod.check(base_signals, now, cfg.guard)
+            if verdict.tripped:
+                restore(model, best_weights)
+                status, reason = "guard_stopped", verdict.reason
+                sink(
+                    "guard",
+                    {
+                        "step": state["step"],
+                        "action": "rollback",
+                        "reason": verdict.reason,
+                        "signals": now.to_dict(),
+                        "base_signals": base_signals.to_dict(),
+                        "checkpoint": str(checkpoint) if checkpoint else None,
+                    },
+                )
+                save(f"round-{rnd + 1}-rolled-back")
+                break
+            s = guard_mod.score(base_signals, now)
+            if s >= best_score:
+                best_score, best_weights = s, snapshot(model)
+        save(f"round-{rnd + 1}")
+
+    after = greedy_answers(policy, items, cfg.task, cfg.rollout)
+    sink("answers", {"phase": "after", "answers": after})
+    sink("run_end", {"status": status, "steps": state["step"], "reason": reason})
+    return AdaptResult(status, state["step"], reason, before, after, checkpoint, history)

@@ -1,0 +1,261 @@
+"""`python -m ttrv adapt | answer`: the headless front end of the engine.
+
+Flags are derived from the config dataclasses (`ttrv.config.SECTIONS`); nothing heavy is
+imported until a command runs, so `--help` returns fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import SECTIONS, AdaptConfig, ConfigError, field_choices, field_type
+
+# Field names shared by several sections get the section as a prefix (--lora-alpha).
+_ALL_NAMES = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+
+
+def flag_name(section: str, name: str) -> str:
+    bare = name.replace("_", "-")
+    return f"{section}-{bare}" if _ALL_NAMES.count(name) > 1 else bare
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: list[str] | None = None) -> None:
+    for section in sections or list(SECTIONS):
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag = "--" + flag_name(section, f.name)
+            dest = f"{section}.{f.name}"
+            help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+            typ = field_type(cls, f.name)
+            if typ is bool:
+                group.add_argument(
+                    flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                    help=help_text,
+                )  # fmt: skip
+            else:
+                group.add_argument(
+                    flag, dest=dest, type=typ, choices=field_choices(cls, f.name), default=None,
+                    help=help_text, metavar=None if field_choices(cls, f.name) else typ.__name__.upper(),
+                )  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> AdaptConfig:
+    """Flags override a base config (e.g. from --config JSON); unset flags keep it."""
+    data: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})[name] = value
+    return AdaptConfig.from_dict(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ttrv",
+        description="Test-time reinforcement learning (TTRV) for vision-language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("adapt", help="adapt a model to unlabeled images (LoRA + GRPO)")
+    p.add_argument("images", nargs="*", help="image files or folders (default: demo images)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<time>)")
+    p.add_argument("--config", type=Path, help="JSON config (flags override it)")
+    p.add_argument("--labels", type=Path, help="CSV file,label used only for evaluation")
+    p.add_argument("--resume", type=Path, help="resume from a checkpoint folder")
+    p.add_argument("--store", action="store_true", help="also record the run as an app session")
+    p.add_argument("--data-dir", type=Path, help="session store folder (with --store)")
+    p.add_argument("--name", help="session name (with --store)")
+    add_config_flags(p)
+
+    a = sub.add_parser("answer", help="answer images greedily, with or without an adapter")
+    a.add_argument("images", nargs="*", help="image files or folders (default: demo images)")
+    a.add_argument("--adapter", type=Path, help="adapter folder written by `adapt`")
+    a.add_argument("--labels", type=Path, help="CSV file,label to score the answers")
+    a.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    add_config_flags(a, ["model", "task"])
+    a.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "adapt":
+            return cmd_adapt(args)
+        return cmd_answer(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a CLI shows a clean message, not a traceback
+        from .images import ImageError
+        from .loading import ModelLoadError
+
+        if isinstance(e, ImageError | ModelLoadError | FileNotFoundError | ValueError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _load_items(paths: list[str], labels: Path | None) -> list[Any]:
+    from .images import load_items
+
+    if not paths:
+        from .config import BUNDLED_MODEL
+
+        demo = Path(BUNDLED_MODEL).parent.parent / "demo" / "digits"
+        paths = [str(demo)]
+        if labels is None and (demo / "labels.csv").exists():
+            labels = demo / "labels.csv"
+    items, warnings = load_items(paths, labels_csv=labels)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return items
+
+
+def _progress(total: int):
+    """A sink that prints one line per step with rate and ETA."""
+    start = time.perf_counter()
+
+    def sink(kind: str, data: dict[str, Any]) -> None:
+        if kind == "step":
+            done = data["step"] + 1
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * max(0, total - done)
+            print(
+                f"step {done}/{total}  reward {data['reward_mean']:.3f}  "
+                f"consensus {data['consensus']:.2f}  invalid {data['invalid_rate']:.2f}  "
+                f"loss {data['loss']:+.4f}  {data['seconds']:.2f}s/step  eta {eta:.0f}s",
+                file=sys.stderr,
+            )
+        elif kind == "answers":
+            print(f"answered {len(data['answers'])} images ({data['phase']})", file=sys.stderr)
+        elif kind == "guard":
+            print(f"guard: {data['action']}: {data['reason']}", file=sys.stderr)
+        elif kind == "checkpoint":
+            print(f"checkpoint: {data['path']}", file=sys.stderr)
+
+    return sink
+
+
+def accuracy(answers: list[dict[str, str]], items: list[Any]) -> float | None:
+    from .answers import normalize_text
+
+    labels = {it.image_id: it.label for it in items if it.label is not None}
+    if not labels:
+        return None
+    hits = [normalize_text(a["answer"]) == normalize_text(labels[a["image_id"]]) for a in answers
+            if a["image_id"] in labels]  # fmt: skip
+    return sum(hits) / len(hits)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    base = json.loads(args.config.read_text()) if args.config else None
+    cfg = config_from_args(args, base)
+    items = _load_items(args.images, args.labels)
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    from .adapt import adapt, steps_per_run
+    from .events import JsonlSink, fanout
+    from .loading import load_model
+    from .lora import attach_lora, save_adapter
+
+    print(f"loading {cfg.model.model} ...", file=sys.stderr)
+    loaded = load_model(cfg.model)
+    loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
+    sinks = [JsonlSink(out / "events.jsonl"), _progress(steps_per_run(cfg, len(items)))]
+    store_sink = None
+    if args.store:
+        from sessions.store import Store
+
+        store = Store(args.data_dir)
+        sid = store.create_session(
+            args.name or out.name, cfg.to_dict(), cfg.model.model, cfg.task.kind
+        )
+        store.add_images(sid, items)
+        store.set_status(sid, "running")
+        store_sink = store.sink(sid)
+        sinks.append(store_sink)
+        print(f"session {sid} in {store.data_dir}", file=sys.stderr)
+    try:
+        result = adapt(loaded, items, cfg, fanout(*sinks), output_dir=out, resume_from=args.resume)
+    except BaseException as e:
+        if args.store:
+            store.set_status(sid, "failed", error=str(e))
+        raise
+    adapter = save_adapter(loaded.model, out / "adapter")
+    if args.store:
+        store.set_status(sid, "done" if result.status != "stopped" else "stopped")
+    summary = {
+        "status": result.status,
+        "reason": result.reason,
+        "steps": result.steps,
+        "accuracy_before": accuracy(result.before, items),
+        "accuracy_after": accuracy(result.after, items),
+        "changed": sum(
+            b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
+        ),
+        "images": len(items),
+        "adapter": str(adapter),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "answers.json").write_text(
+        json.dumps({"before": result.before, "after": result.after}, indent=1)
+    )
+    print(_summary_text(summary, out))
+    return 0
+
+
+def _summary_text(s: dict[str, Any], out: Path) -> str:
+    lines = [
+        f"{s['status']}: {s['reason']} after {s['steps']} steps",
+        f"{s['changed']} of {s['images']} greedy answers changed",
+    ]
+    if s["accuracy_before"] is not None:
+        lines.append(
+            f"accuracy (labels, evaluation only): {s['accuracy_before']:.1%} -> "
+            f"{s['accuracy_after']:.1%}"
+        )
+    lines.append(f"events, answers and adapter in {out}")
+    return "\n".join(lines)
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    items = _load_items(args.images, args.labels)
+    from .adapt import make_policy
+    from .config import RolloutConfig
+    from .loading import load_model
+    from .lora import load_adapter
+    from .rollout import greedy_answers
+
+    loaded = load_model(cfg.model)
+    if args.adapter:
+        loaded.model = load_adapter(loaded.model, args.adapter, trainable=False)
+    rollout = RolloutConfig(max_new_tokens=args.max_new_tokens)
+    answers = greedy_answers(make_policy(loaded), items, cfg.task, rollout)
+    for it, a in zip(items, answers, strict=True):
+        if args.json:
+            print(json.dumps({"name": it.name, **a, "label": it.label}))
+        else:
+            mark = "" if it.label is None else ("  ok" if a["answer"] == it.label else "  x")
+            print(f"{it.name:30s} {a['answer']:12s} {a['response']!r}{mark}")
+    acc = accuracy(answers, items)
+    if acc is not None:
+        print(f"accuracy: {acc:.1%} on {len(items)} labelled images", file=sys.stderr)
+    return 0

@@ -1,0 +1,162 @@
+"""The GRPO update on LoRA adapters, and where it departs from the TTRV paper.
+
+TTRV (CVPR 2026) samples N responses per unlabeled image, rewards each by the frequency of
+its answer plus alpha times the negative entropy of the answer distribution, and trains
+with GRPO (full fine-tuning, per-prompt advantage normalisation, KL 0.001). This module
+departs from it knowingly:
+
+- LoRA on the language model only; the vision tower stays frozen and its output is cached.
+- Advantage scope. Per-image normalisation (the paper's code) cancels the entropy term,
+  which is constant within an image's group. Our default `ttrv` normalises across the
+  images of a step instead, so images with concentrated answer distributions are pushed up
+  as a whole and the entropy term reaches the gradient. `ttrv_paper` keeps the paper's form.
+- Invalid (empty / unparseable) answers earn no reward and never win a vote (the
+  reference lets empty output win, and its own logs collapse to it).
+- One policy-gradient epoch per batch of rollouts, so the importance ratio is 1 at the
+  sampled point; the clipped surrogate is kept so that a caller who reuses rollouts gets
+  PPO clipping. Token-mean loss over every trained token of the step (DAPO / verl
+  "token-mean"), logits divided by the sampling temperature as in TRL and verl.
+- The KL reference is the same model with its adapter disabled (no second copy), with the
+  low-variance k3 estimator; when beta is 0 no reference pass runs at all.
+- Groups whose trained advantages are all zero (every rollout agreed) skip the forward
+  and backward pass: they would contribute exactly zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .rollout import Group, Policy, sequence_logprobs
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> torch.Tensor:
+    """Sum over tokens of the PPO clipped objective, negated (a loss).
+
+    logp, old_logp, mask: [K, T]; advantages: [K]. Divide by the step's token count for a
+    token-mean loss.
+    """
+    ratio = torch.exp(logp - old_logp)  # [K, T]
+    adv = advantages.unsqueeze(1)  # [K, 1]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    return -(torch.minimum(unclipped, clipped) * mask).sum()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(d) - d - 1, d = ref - logp.
+
+    Non-negative, zero where the two agree (Schulman's low-variance estimator, as in verl).
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def select_trained(n: int, k: int, rng: random.Random) -> list[bool]:
+    """Which K of the N voting rollouts are trained on (a seeded random subset)."""
+    chosen = set(rng.sample(range(n), k))
+    return [i in chosen for i in range(n)]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    kl: float | None
+    grad_norm: float
+    tokens: int
+    groups_skipped: int
+
+
+def _trained_rows(group: Group, advantages: Sequence[float]) -> dict[int, list[int]]:
+    """Trained rollouts with a non-zero advantage, grouped by the prompt they were sampled from."""
+    rows: dict[int, list[int]] = {}
+    for i, (trained, adv) in enumerate(zip(group.train_mask, advantages, strict=True)):
+        if trained and adv != 0.0:
+            rows.setdefault(group.prompt_index[i], []).append(i)
+    return rows
+
+
+def grpo_update(
+    policy: Policy,
+    groups: list[Group],
+    advantages: list[list[float]],
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    temperature: float,
+    clip_eps: float,
+    beta: float,
+    grad_clip: float,
+) -> UpdateStats:
+    """One optimiser step on the trained rollouts of `groups`.
+
+    Gradients are accumulated group by group (one forward/backward per prompt), so memory
+    holds one image's K sequences at a time; the loss is a token mean over the whole step.
+    """
+    model = policy.model
+    plan = [_trained_rows(g, a) for g, a in zip(groups, advantages, strict=True)]
+    total_tokens = sum(
+        len(g.completions[i])
+        for g, rows in zip(groups, plan, strict=True)
+        for r in rows.values()
+        for i in r
+    )
+    skipped = sum(1 for rows in plan if not rows)
+    optimizer.zero_grad(set_to_none=True)
+    if total_tokens == 0:
+        return UpdateStats(0.0, None, 0.0, 0, skipped)
+
+    model.train()
+    loss_total, kl_total = 0.0, 0.0
+    for group, adv, rows in zip(groups, advantages, plan, strict=True):
+        for prompt_idx, idx in rows.items():
+            enc = group.encoded[prompt_idx]
+            comps = [group.completions[i] for i in idx]
+            logp, mask = sequence_logprobs(model, enc, comps, policy.pad, temperature)
+            adv_t = torch.tensor([adv[i] for i in idx], dtype=logp.dtype, device=logp.device)
+            loss = clipped_surrogate(logp, logp.detach(), adv_t, mask, clip_eps)
+            if beta > 0:
+                with torch.no_grad(), model.disable_adapter():
+                    ref_logp, _ = sequence_logprobs(model, enc, comps, policy.pad, temperature)
+                kl = (kl_k3(logp, ref_logp) * mask).sum()
+                loss = loss + beta * kl
+                kl_total += float(kl.detach())
+            (loss / total_tokens).backward()
+            loss_total += float(loss.detach())
+    model.eval()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return UpdateStats(
+        loss=loss_total / total_tokens,
+        kl=kl_total / total_tokens if beta > 0 else None,
+        grad_norm=float(grad_norm),
+        tokens=total_tokens,
+        groups_skipped=skipped,
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,256 @@
+"""Rollouts: encode an image once, sample N answers, and score token log-probabilities.
+
+The vision tower is frozen, so an image's encoder output is computed once (`ImageCache`)
+and reused for all N rollouts, the training forward passes and every round. Sampling and
+scoring hand the cached features to transformers through `mm_encoder_outputs`, which every
+supported family accepts; models that do not fall back to re-encoding pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .answers import extract_answer
+from .config import RolloutConfig, TaskConfig
+from .tasks import Item, Prompt, build_prompt, render_prompt
+
+
+@dataclass
+class Encoded:
+    """One prompt for one image, ready for the model."""
+
+    prompt: Prompt
+    text: str  # the exact rendered prompt
+    input_ids: torch.Tensor  # [1, P]
+    attention_mask: torch.Tensor  # [1, P]
+    model_kwargs: dict[str, Any]  # image inputs: cached encoder outputs or raw pixels
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
+class Group:
+    """The N rollouts of one image in one step."""
+
+    item: Item
+    encoded: list[Encoded]  # one per option order
+    prompt_index: list[int]  # which `encoded` each rollout used
+    completions: list[torch.Tensor]  # token ids per rollout, trimmed after the first EOS
+    responses: list[str]
+    answers: list[str]
+    train_mask: list[bool] = field(default_factory=list)
+
+
+def hf_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def supports_cached_images(model: Any) -> bool:
+    base = hf_model(model)
+    check = getattr(base, "_supports_mm_encoder_outputs", None)
+    return bool(
+        check and check() and hasattr(base, "_prepare_multimodal_encoder_kwargs_for_generation")
+    )
+
+
+class ImageCache:
+    """Encoder outputs per (image, prompt) so the frozen vision tower runs once per image."""
+
+    def __init__(self, model: Any, enabled: bool = True) -> None:
+        self.model = model
+        self.enabled = enabled and supports_cached_images(model)
+        self._cache: dict[str, tuple[dict[str, Any], set[str]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def image_kwargs(self, image_id: str, raw: dict[str, Any]) -> dict[str, Any]:
+        if not self.enabled:
+            return raw
+        if image_id in self._cache:
+            self.hits += 1
+        else:
+            self.misses += 1
+            base = hf_model(self.model)
+            with torch.no_grad():
+                out = base._prepare_multimodal_encoder_kwargs_for_generation(dict(raw))
+            # Keys the encoder consumed (pixels, grids) are replaced by its output; keys that
+            # depend on the prompt (token type ids) stay per prompt.
+            self._cache[image_id] = (out["mm_encoder_outputs"], set(raw) - set(out))
+        features, consumed = self._cache[image_id]
+        kwargs = {k: v for k, v in raw.items() if k not in consumed}
+        kwargs["mm_encoder_outputs"] = features
+        return kwargs
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+@dataclass
+class Policy:
+    """Everything rollouts need from a loaded model, gathered once."""
+
+    model: Any
+    processor: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    eos: list[int]
+    pad: int
+    suppress: list[int]
+    cache: ImageCache
+    keep_token_type_ids: bool = False
+
+    def encode(self, prompt: Prompt, item: Item) -> Encoded:
+        text = render_prompt(self.processor, prompt)
+        batch = self.processor(text=[text], images=[item.image], return_tensors="pt")
+        batch = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
+        for key in ("pixel_values", "pixel_values_images"):
+            if key in batch and batch[key].is_floating_point():
+                batch[key] = batch[key].to(self.dtype)
+        input_ids = batch.pop("input_ids")
+        attention_mask = batch.pop("attention_mask")
+        if not self.keep_token_type_ids:
+            batch.pop("token_type_ids", None)
+        kwargs = self.cache.image_kwargs(item.image_id, batch)
+        return Encoded(prompt, text, input_ids, attention_mask, kwargs)
+
+    def generation_kwargs(self, cfg: RolloutConfig, sample: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "eos_token_id": self.eos,
+            "pad_token_id": self.pad,
+            "suppress_tokens": self.suppress or None,
+            "do_sample": sample,
+        }
+        if sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def _expand(model: Any, enc: Encoded, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """input_ids and model kwargs repeated n times, image features included."""
+    kwargs = {"attention_mask": enc.attention_mask, **enc.model_kwargs}
+    base = hf_model(model)
+    return base._expand_inputs_for_generation(expand_size=n, input_ids=enc.input_ids, **kwargs)
+
+
+def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
+    """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
+    out = []
+    for t in tokens.tolist():
+        out.append(t)
+        if t in eos:
+            break
+    while out and out[-1] == pad and pad not in eos:
+        out.pop()
+    return torch.tensor(out, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    enc: Encoded,
+    n: int,
+    gen_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """n continuations of one encoded prompt: [n, T] token ids (padded)."""
+    input_ids, kwargs = enc.input_ids, {"attention_mask": enc.attention_mask, **enc.model_kwargs}
+    out = model.generate(input_ids=input_ids, num_return_sequences=n, **kwargs, **gen_kwargs)
+    return out[:, enc.length :]  # [n, T]
+
+
+def decode(tokenizer: Any, tokens: torch.Tensor) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def rollout_group(
+    policy: Policy,
+    item: Item,
+    task: TaskConfig,
+    cfg: RolloutConfig,
+    orders: list[list[int] | None],
+) -> Group:
+    """Sample N rollouts of `item`, split evenly over the given option orders."""
+    gen_kwargs = policy.generation_kwargs(cfg, sample=True)
+    encoded = [policy.encode(build_prompt(task, item, order), item) for order in orders]
+    counts = [cfg.n_rollouts // len(orders)] * len(orders)
+    for i in range(cfg.n_rollouts % len(orders)):
+        counts[i] += 1
+    completions, prompt_index = [], []
+    for i, (enc, count) in enumerate(zip(encoded, counts, strict=True)):
+        if count == 0:
+            continue
+        tokens = sample(policy.model, enc, count, gen_kwargs)
+        completions += [trim_completion(row, policy.eos, policy.pad) for row in tokens]
+        prompt_index += [i] * count
+    responses = [decode(policy.tokenizer, c) for c in completions]
+    answers = [
+        extract_answer(r, task, encoded[p].prompt.options)
+        for r, p in zip(responses, prompt_index, strict=True)
+    ]
+    return Group(item, encoded, prompt_index, completions, responses, answers)
+
+
+def sequence_logprobs(
+    model: Any,
+    enc: Encoded,
+    completions: list[torch.Tensor],
+    pad: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion given the prompt.
+
+    Returns (logprobs [K, T], mask [K, T]). Only the completion positions get logits
+    (`logits_to_keep`), so the full-vocabulary tensor never covers the prompt.
+    """
+    k = len(completions)
+    t = max(len(c) for c in completions)
+    device = enc.input_ids.device
+    comp = torch.full((k, t), pad, dtype=torch.long, device=device)  # [K, T]
+    mask = torch.zeros((k, t), dtype=torch.float32, device=device)  # [K, T]
+    for i, c in enumerate(completions):
+        comp[i, : len(c)] = c.to(device)
+        mask[i, : len(c)] = 1.0
+    prompt_ids, kwargs = _expand(model, enc, k)  # [K, P]
+    input_ids = torch.cat([prompt_ids, comp], dim=1)  # [K, P+T]
+    kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], mask.long()], dim=1)
+    if "token_type_ids" in kwargs:
+        kwargs["token_type_ids"] = torch.cat(
+            [kwargs["token_type_ids"], torch.zeros_like(comp)], dim=1
+        )
+    out = model(input_ids=input_ids, logits_to_keep=t + 1, use_cache=False, **kwargs)
+    logits = out.logits[:, :-1, :].float() / temperature  # [K, T, V]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask  # [K, T], [K, T]
+
+
+@torch.no_grad()
+def greedy_answers(
+    policy: Policy, items: list[Item], task: TaskConfig, cfg: RolloutConfig
+) -> list[dict[str, str]]:
+    """The greedy response and canonical answer for each item (options in given order)."""
+    gen_kwargs = policy.generation_kwargs(cfg, sample=False)
+    results = []
+    for item in items:
+        enc = policy.encode(build_prompt(task, item), item)
+        tokens = sample(policy.model, enc, 1, gen_kwargs)[0]
+        response = decode(policy.tokenizer, trim_completion(tokens, policy.eos, policy.pad))
+        results.append(
+            {
+                "image_id": item.image_id,
+                "response": response,
+                "answer": extract_answer(response, task, enc.prompt.options),
+            }
+        )
+    return results
