@@ -189,7 +189,8 @@ class RewardConfig:
         default="auto",
         metadata=_help(
             "Normalise advantages per image (group) or across the step's images (batch); "
-            "auto = group for ttrv_paper, batch for ttrv."
+            "auto = batch for ttrv and entropy (whose entropy term per-image normalisation "
+            "would cancel), group for the others."
         ),
     )
 
@@ -199,7 +200,8 @@ class RewardConfig:
     def scope(self) -> Literal["group", "batch"]:
         if self.advantage_scope != "auto":
             return self.advantage_scope
-        return "batch" if self.reward == "ttrv" else "group"
+        # The entropy term is constant within an image's group: only batch scope lets it act.
+        return "batch" if self.reward in ("ttrv", "entropy") else "group"
 
 
 @dataclass
