@@ -85,7 +85,9 @@ class ImageCache:
             self._cache[image_id] = (out["mm_encoder_outputs"], set(raw) - set(out))
         features, consumed = self._cache[image_id]
         kwargs = {k: v for k, v in raw.items() if k not in consumed}
-        kwargs["mm_encoder_outputs"] = features
+        # transformers expands these outputs in place for num_return_sequences: hand out
+        # fresh containers (the tensors themselves are shared, never copied).
+        kwargs["mm_encoder_outputs"] = {m: type(o)(**dict(o.items())) for m, o in features.items()}
         return kwargs
 
     def clear(self) -> None:
@@ -136,6 +138,13 @@ class Policy:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def wants_token_type_ids(model: Any) -> bool:
+    """Gemma3 needs token type ids (bidirectional attention over image tokens)."""
+    import inspect
+
+    return "token_type_ids" in inspect.signature(hf_model(model).forward).parameters
 
 
 def _expand(model: Any, enc: Encoded, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
