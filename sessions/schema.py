@@ -41,6 +41,7 @@ JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "steps": ("extra",),
     "rollouts": ("components", "option_order"),
     "events": ("data",),
+    "jobs": ("request", "result"),
 }
 
 
@@ -160,9 +161,32 @@ def _m0001_initial(db: Database) -> None:
     """)
 
 
+def _m0002_jobs(db: Database) -> None:
+    # The job queue lives in the store, so a UI only writes rows and never touches the
+    # worker; the worker polls, claims and reports here.
+    db.executescript("""
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        session_id TEXT REFERENCES sessions(id) ON DELETE CASCADE,
+        status TEXT NOT NULL DEFAULT 'queued'
+            CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        request TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        traceback TEXT,
+        created TEXT NOT NULL,
+        started TEXT,
+        finished TEXT
+    );
+    CREATE INDEX jobs_status ON jobs(status, id);
+    """)
+
+
 # Append only: never edit or reorder a migration that has shipped.
 MIGRATIONS: list[tuple[str, Callable[[Database], None]]] = [
     ("0001_initial", _m0001_initial),
+    ("0002_jobs", _m0002_jobs),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

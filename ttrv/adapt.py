@@ -25,12 +25,12 @@ from .answers import INVALID
 from .config import AdaptConfig
 from .events import RolloutRecord, Sink, StepRecord, null_sink
 from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
+from .lora import ADAPTER_FILE, adapter_state, load_adapter_state, save_adapter
 from .rewards import group_advantages, make_reward
 from .rollout import Group, ImageCache, Policy, greedy_answers, rollout_group, wants_token_type_ids
 from .tasks import Item, option_orders
 
 STATE_FILE = "state.json"
-ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -83,19 +83,36 @@ def is_converged(group: Group) -> bool:
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def lora_params(model: Any) -> dict[str, torch.nn.Parameter]:
+def trainable_params(model: Any) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_weights(model: Any, folder: str | Path) -> None:
+    """Load a saved adapter's weights into the model's existing LoRA layers, in place."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter in {folder} (missing {ADAPTER_FILE}).")
+    result = set_peft_model_state_dict(model, load_file(path))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"The adapter in {folder} does not fit this model's LoRA settings "
+            f"({len(missing)} tensors missing, {len(result.unexpected_keys)} unexpected)."
+        )
 
 
 def save_checkpoint(
     folder: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> Path:
-    """Adapter weights, optimiser moments (both safetensors) and the loop state (JSON)."""
+    """A peft adapter folder (safetensors) plus optimiser moments (safetensors) and the loop
+    state (JSON). The folder loads anywhere a peft adapter does."""
     folder.mkdir(parents=True, exist_ok=True)
-    params = lora_params(model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, folder / ADAPTER_FILE)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    save_adapter(model, folder)
     moments: dict[str, torch.Tensor] = {}
-    for name, p in params.items():
+    for name, p in trainable_params(model).items():
         st = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
@@ -113,19 +130,9 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer) 
     folder = Path(folder)
     if not (folder / STATE_FILE).exists():
         raise FileNotFoundError(f"No complete checkpoint in {folder} (missing {STATE_FILE}).")
-    params = lora_params(model)
-    weights = load_file(folder / ADAPTER_FILE)
-    missing = set(params) - set(weights)
-    if missing:
-        raise ValueError(
-            f"Checkpoint {folder} does not match this LoRA configuration "
-            f"({len(missing)} adapter tensors missing)."
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
+    load_adapter_weights(model, folder)
     moments = load_file(folder / OPTIMIZER_FILE) if (folder / OPTIMIZER_FILE).exists() else {}
-    for name, p in params.items():
+    for name, p in trainable_params(model).items():
         if f"{name}::exp_avg" in moments:
             optimizer.state[p] = {
                 "exp_avg": moments[f"{name}::exp_avg"].to(p.device),
@@ -133,16 +140,6 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer) 
                 "step": moments[f"{name}::step"].reshape(()).to(torch.float32),
             }
     return json.loads((folder / STATE_FILE).read_text())
-
-
-def snapshot(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in lora_params(model).items()}
-
-
-def restore(model: Any, weights: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, p in lora_params(model).items():
-            p.copy_(weights[name])
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -162,7 +159,6 @@ def run_step(
     rnd: int,
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
-    reward_fn: Callable,
 ) -> tuple[StepRecord, list[RolloutRecord], list[Group]]:
     """Rollouts, rewards, advantages and one GRPO update for the images of one step."""
     t0 = time.perf_counter()
@@ -175,6 +171,8 @@ def run_step(
         g = rollout_group(policy, item, cfg.task, cfg.rollout, orders)
         g.train_mask = select_trained(cfg.rollout.n_rollouts, cfg.rollout.n_train, rng)
         groups.append(g)
+    # Seeded per step (the random control reward draws numbers), so a resumed run matches.
+    reward_fn = make_reward(cfg.reward, seed=seed * 1_000_003 + step)
     components = [reward_fn(g.answers) for g in groups]
     rewards = [[c["total"] for c in comp] for comp in components]
     advantages = group_advantages(rewards, cfg.reward.scope())
@@ -248,7 +246,7 @@ def adapt(
     out = Path(output_dir) if output_dir else None
     model = loaded.model
     policy = make_policy(loaded)
-    params = list(lora_params(model).values())
+    params = list(trainable_params(model).values())
     if not params:
         raise ValueError("The model has no trainable LoRA parameters: attach an adapter first.")
     optimizer = make_optimizer(params, cfg.optim.learning_rate, cfg.optim.weight_decay)
@@ -257,7 +255,6 @@ def adapt(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.optim.schedule)
     )
-    reward_fn = make_reward(cfg.reward, seed=cfg.optim.seed)
     by_id = {it.image_id: it for it in items}
     model.eval()
 
@@ -290,7 +287,7 @@ def adapt(
     base_signals = guard_mod.signals([a["answer"] for a in before])
     # Rollback target: the adapter as it stands at the start of this run (a fresh LoRA is a
     # no-op), replaced by any later round whose signals are at least as healthy.
-    best_weights = snapshot(model)
+    best_weights = adapter_state(model)
     best_score = guard_mod.score(base_signals, base_signals)
     history: list[StepRecord] = []
     status, reason = "done", "all rounds finished"
@@ -323,7 +320,7 @@ def adapt(
             ids = order[state["position"] : state["position"] + cfg.optim.images_per_step]
             batch = [by_id[i] for i in ids]
             record, rollouts, groups = run_step(
-                policy, batch, cfg, state["step"], rnd, optimizer, params, reward_fn
+                policy, batch, cfg, state["step"], rnd, optimizer, params
             )
             scheduler.step()
             sink("rollouts", {"step": record.step, "rollouts": [r.to_dict() for r in rollouts]})
@@ -345,7 +342,7 @@ def adapt(
         if cfg.guard.guard:
             verdict = guard_mod.check(base_signals, now, cfg.guard)
             if verdict.tripped:
-                restore(model, best_weights)
+                load_adapter_state(model, best_weights)
                 status, reason = "guard_stopped", verdict.reason
                 sink(
                     "guard",
@@ -362,7 +359,7 @@ def adapt(
                 break
             s = guard_mod.score(base_signals, now)
             if s >= best_score:
-                best_score, best_weights = s, snapshot(model)
+                best_score, best_weights = s, adapter_state(model)
         save(f"round-{rnd + 1}")
 
     after = greedy_answers(policy, items, cfg.task, cfg.rollout)

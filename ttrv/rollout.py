@@ -32,6 +32,15 @@ class Encoded:
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def kwargs(self) -> dict[str, Any]:
+        """Model kwargs for one call. transformers expands encoder outputs in place for
+        num_return_sequences, so every call gets fresh containers (tensors are shared)."""
+        kw = {"attention_mask": self.attention_mask, **self.model_kwargs}
+        mm = kw.get("mm_encoder_outputs")
+        if mm is not None:
+            kw["mm_encoder_outputs"] = {m: type(o)(**dict(o.items())) for m, o in mm.items()}
+        return kw
+
 
 @dataclass
 class Group:
@@ -85,9 +94,7 @@ class ImageCache:
             self._cache[image_id] = (out["mm_encoder_outputs"], set(raw) - set(out))
         features, consumed = self._cache[image_id]
         kwargs = {k: v for k, v in raw.items() if k not in consumed}
-        # transformers expands these outputs in place for num_return_sequences: hand out
-        # fresh containers (the tensors themselves are shared, never copied).
-        kwargs["mm_encoder_outputs"] = {m: type(o)(**dict(o.items())) for m, o in features.items()}
+        kwargs["mm_encoder_outputs"] = features
         return kwargs
 
     def clear(self) -> None:
@@ -149,9 +156,10 @@ def wants_token_type_ids(model: Any) -> bool:
 
 def _expand(model: Any, enc: Encoded, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """input_ids and model kwargs repeated n times, image features included."""
-    kwargs = {"attention_mask": enc.attention_mask, **enc.model_kwargs}
     base = hf_model(model)
-    return base._expand_inputs_for_generation(expand_size=n, input_ids=enc.input_ids, **kwargs)
+    return base._expand_inputs_for_generation(
+        expand_size=n, input_ids=enc.input_ids, **enc.kwargs()
+    )
 
 
 def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
@@ -174,8 +182,9 @@ def sample(
     gen_kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """n continuations of one encoded prompt: [n, T] token ids (padded)."""
-    input_ids, kwargs = enc.input_ids, {"attention_mask": enc.attention_mask, **enc.model_kwargs}
-    out = model.generate(input_ids=input_ids, num_return_sequences=n, **kwargs, **gen_kwargs)
+    out = model.generate(
+        input_ids=enc.input_ids, num_return_sequences=n, **enc.kwargs(), **gen_kwargs
+    )
     return out[:, enc.length :]  # [n, T]
 
 
@@ -224,6 +233,13 @@ def sequence_logprobs(
     (`logits_to_keep`), so the full-vocabulary tensor never covers the prompt.
     """
     k = len(completions)
+    if k > 1 and "mm_encoder_outputs" not in enc.model_kwargs:
+        # Raw pixel inputs cannot be repeated generically (some families flatten patches
+        # across images), so without cached features each completion is scored alone.
+        rows = [sequence_logprobs(model, enc, [c], pad, temperature) for c in completions]
+        t = max(len(c) for c in completions)
+        pad_to = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+        return torch.cat([pad_to(r[0]) for r in rows]), torch.cat([pad_to(r[1]) for r in rows])
     t = max(len(c) for c in completions)
     device = enc.input_ids.device
     comp = torch.full((k, t), pad, dtype=torch.long, device=device)  # [K, T]
@@ -234,10 +250,13 @@ def sequence_logprobs(
     prompt_ids, kwargs = _expand(model, enc, k)  # [K, P]
     input_ids = torch.cat([prompt_ids, comp], dim=1)  # [K, P+T]
     kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], mask.long()], dim=1)
-    if "token_type_ids" in kwargs:
-        kwargs["token_type_ids"] = torch.cat(
-            [kwargs["token_type_ids"], torch.zeros_like(comp)], dim=1
-        )
+    p = prompt_ids.shape[1]
+    for key, value in kwargs.items():
+        # Per-token side inputs (token type ids, multimodal token types) cover the prompt;
+        # the completion is plain text, type 0.
+        if key != "attention_mask" and isinstance(value, torch.Tensor) and value.dim() == 2:
+            if value.shape == (k, p):
+                kwargs[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
     out = model(input_ids=input_ids, logits_to_keep=t + 1, use_cache=False, **kwargs)
     logits = out.logits[:, :-1, :].float() / temperature  # [K, T, V]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,292 @@
+"""The background worker: owns the loaded model and runs the store's job queue.
+
+One thread, one model (loaded once, reloaded only when a job asks for another), jobs taken
+from the store in order. Every job reports through the store: progress through the engine's
+sink, state through session and job rows. Nothing else talks to the worker, so the UI stays
+responsive and a closed tab cannot stop or orphan a run.
+
+Failure policy: an exception or an out-of-memory error inside a job marks that job (and
+its session) failed with the error text and traceback, keeps everything written so far,
+frees accelerator memory, and leaves the worker ready for the next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+import traceback as tb
+from pathlib import Path
+from typing import Any
+
+from . import jobs
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+
+
+def _oom_message(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+        return (
+            "Out of memory. Lower the rollouts per image (N), images per step or max new "
+            "tokens, or load the model in 4-bit."
+        )
+    return None
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+class Worker:
+    """Runs jobs from `store` on a daemon thread. `start()` then leave it be."""
+
+    def __init__(self, store: Store, poll_s: float = 0.25) -> None:
+        self.store = store
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.loaded: Any = None  # ttrv.loading.LoadedModel with a LoRA adapter attached
+        self._loaded_key: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        self.store.mark_interrupted_on_start()
+        jobs.recover(self.store)
+        self._thread = threading.Thread(target=self._loop, name="ttrv-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = jobs.claim_next(self.store)
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._stop.wait(self.poll_s)
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: dict[str, Any]) -> None:
+        """Run one claimed job to completion, recording the outcome in the store."""
+        sid = job.get("session_id")
+        try:
+            handler = getattr(self, f"_job_{job['kind']}")
+            result = handler(job)
+            jobs.finish(self.store, job["id"], "done", result=result)
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then we go on
+            trace = tb.format_exc()
+            message = _oom_message(exc) or f"{type(exc).__name__}: {exc}"
+            log.error("job %s failed: %s", job["id"], message)
+            jobs.finish(self.store, job["id"], "failed", error=message, traceback=trace)
+            if sid is not None:
+                with contextlib.suppress(Exception):
+                    self.store.set_status(sid, "failed", error=message, traceback=trace)
+            if _oom_message(exc):
+                self._drop_model()
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+        finally:
+            free_memory()
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def _drop_model(self) -> None:
+        self.loaded, self._loaded_key = None, None
+        free_memory()
+
+    def ensure_model(self, model_cfg: dict[str, Any], lora_cfg: dict[str, Any], seed: int) -> Any:
+        """The loaded model for this config, with a fresh LoRA adapter."""
+        import json
+
+        from ttrv.config import LoraConfig, ModelConfig
+        from ttrv.loading import load_model
+        from ttrv.lora import attach_lora
+
+        key = json.dumps(model_cfg, sort_keys=True)
+        if self._loaded_key != key:
+            self._drop_model()
+            loaded = load_model(ModelConfig(**model_cfg))
+            self.loaded, self._loaded_key = loaded, key
+        base = self.loaded.model
+        unload = getattr(base, "unload", None)
+        if callable(unload) and hasattr(base, "peft_config"):
+            base = unload()  # drop the previous session's adapter (nothing merged)
+        self.loaded.model = attach_lora(base, LoraConfig(**lora_cfg), seed=seed)
+        return self.loaded
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _job_load_model(self, job: dict[str, Any]) -> dict[str, Any]:
+        from ttrv.config import LoraConfig
+
+        req = job["request"]
+        loaded = self.ensure_model(req["model"], req.get("lora") or {}, seed=0)
+        del LoraConfig
+        return {"info": loaded.info}
+
+    def _session_setup(self, sid: str) -> tuple[Any, list[Any], Any]:
+        from ttrv.config import AdaptConfig
+
+        session = self.store.get_session(sid)
+        cfg = AdaptConfig.from_dict(session["config"])
+        items = self.session_items(sid)
+        loaded = self.ensure_model(
+            cfg.to_dict()["model"], cfg.to_dict()["lora"], seed=cfg.optim.seed
+        )
+        return cfg, items, loaded
+
+    def session_items(self, sid: str) -> list[Any]:
+        from ttrv.images import load_image
+        from ttrv.tasks import Item
+
+        items = []
+        for row in self.store.images(sid):
+            path = row.get("path")
+            if not path or not Path(path).exists():
+                raise FileNotFoundError(
+                    f"Image {row.get('name')} of this session is missing from the data "
+                    f"directory ({path})."
+                )
+            items.append(
+                Item(
+                    image_id=row["image_id"],
+                    name=row["name"],
+                    image=load_image(path),
+                    question=row.get("question"),
+                    options=row.get("options"),
+                    label=row.get("label"),
+                )
+            )
+        if not items:
+            raise ValueError("This session has no images: add at least one image.")
+        return items
+
+    def _heartbeat(self, sid: str) -> tuple[threading.Event, threading.Thread]:
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                with contextlib.suppress(Exception):
+                    self.store.heartbeat(sid)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{sid}", daemon=True)
+        thread.start()
+        return done, thread
+
+    def _job_adapt(self, job: dict[str, Any]) -> dict[str, Any]:
+        from ttrv.adapt import adapt
+        from ttrv.lora import save_adapter
+
+        sid = job["session_id"]
+        self.store.set_status(sid, "running")
+        done, beat = self._heartbeat(sid)
+        try:
+            cfg, items, loaded = self._session_setup(sid)
+            resume = None
+            if job["request"].get("resume"):
+                ckpt = self.store.latest_checkpoint(sid)
+                if ckpt is None or ckpt["missing"]:
+                    raise FileNotFoundError(
+                        "No checkpoint to resume from: start the adaptation again instead."
+                    )
+                resume = ckpt["path"]
+            out = self.store.adapter_dir(sid)
+
+            def stop() -> bool:
+                return self.store.get_session(sid)["status"] == "stopping"
+
+            result = adapt(
+                loaded, items, cfg, self.store.sink(sid), stop, output_dir=out,
+                resume_from=resume,
+            )  # fmt: skip
+            if result.checkpoint is None:
+                final = save_adapter(loaded.model, out / f"final-step-{result.steps}")
+                self.store.add_checkpoint(sid, -1, result.steps, final.parent)
+        finally:
+            done.set()
+            beat.join(1)
+        return {"status": result.status, "steps": result.steps, "reason": result.reason}
+
+    def _answer_phase(self, sid: str, phase: str, with_adapter: bool) -> dict[str, Any]:
+        from ttrv.adapt import load_adapter_weights, make_policy
+        from ttrv.rollout import greedy_answers
+
+        cfg, items, loaded = self._session_setup(sid)
+        if with_adapter:
+            ckpt = self.store.latest_checkpoint(sid)
+            if ckpt is None or ckpt["missing"]:
+                raise FileNotFoundError("This session has no adapter yet: adapt first.")
+            load_adapter_weights(loaded.model, ckpt["path"])
+        answers = greedy_answers(make_policy(loaded), items, cfg.task, cfg.rollout)
+        self.store.sink(sid)("answers", {"phase": phase, "answers": answers})
+        return {"answers": len(answers)}
+
+    def _job_baseline(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self._answer_phase(job["session_id"], "before", with_adapter=False)
+
+    def _job_evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self._answer_phase(job["session_id"], "after", with_adapter=True)
+
+    def _job_ask(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One image and a question, answered by the base model and the adapted one."""
+        from ttrv.adapt import load_adapter_weights, make_policy
+        from ttrv.config import AdaptConfig, RolloutConfig, TaskConfig
+        from ttrv.images import load_image
+        from ttrv.rollout import greedy_answers
+        from ttrv.tasks import Item, image_sha256
+
+        req = job["request"]
+        sid = job.get("session_id") or req.get("session_id")
+        cfg = AdaptConfig.from_dict(self.store.get_session(sid)["config"]) if sid else None
+        model_cfg = req.get("model") or (cfg.to_dict()["model"] if cfg else {})
+        lora_cfg = cfg.to_dict()["lora"] if cfg else {}
+        loaded = self.ensure_model(model_cfg, lora_cfg, seed=0)
+        image = load_image(req["image_path"])
+        item = Item(image_sha256(image), Path(req["image_path"]).name, image)
+        base_task = cfg.task if cfg else TaskConfig()
+        task = TaskConfig(**{**base_task.__dict__, "question": req.get("question") or
+                             base_task.question})  # fmt: skip
+        rollout = RolloutConfig(max_new_tokens=int(req.get("max_new_tokens", 32)))
+        policy = make_policy(loaded, cache_images=False)
+        with loaded.model.disable_adapter():
+            base = greedy_answers(policy, [item], task, rollout)[0]
+        adapted = None
+        if sid:
+            ckpt = self.store.latest_checkpoint(sid)
+            if ckpt and not ckpt["missing"]:
+                load_adapter_weights(loaded.model, ckpt["path"])
+                adapted = greedy_answers(policy, [item], task, rollout)[0]
+        return {"base": base, "adapted": adapted, "question": task.question}
+
+
+def run_until_idle(worker: Worker, timeout: float = 300.0) -> None:
+    """Run queued jobs on the calling thread until none is left (tests, CLI)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.claim_next(worker.store)
+        if job is None:
+            return
+        worker.run_job(job)
+    raise TimeoutError("jobs still queued after the timeout")

@@ -1,0 +1,227 @@
+"""The engine end to end on tiny models: rollouts, GRPO steps, stop, checkpoints, resume."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny_models import FAMILIES
+from ttrv.adapt import adapt, make_policy, run_step, trainable_params
+from ttrv.config import (
+    AdaptConfig,
+    ModelConfig,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+    TaskConfig,
+)
+from ttrv.grpo import grpo_update, make_optimizer
+from ttrv.loading import load_model
+from ttrv.lora import attach_lora
+from ttrv.rollout import rollout_group, sequence_logprobs
+from ttrv.tasks import Item, image_sha256
+
+
+def make_items(n: int, seed: int = 0) -> list[Item]:
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+        items.append(Item(image_sha256(image), f"img{i}", image))
+    return items
+
+
+def small_config(folder, **optim) -> AdaptConfig:
+    return AdaptConfig(
+        model=ModelConfig(model=str(folder)),
+        task=TaskConfig(kind="multiple_choice", options="cat,dog,bird,fish"),
+        rollout=RolloutConfig(n_rollouts=4, n_train=3, max_new_tokens=3),
+        # a random reward always gives non-zero advantages, so every step updates weights
+        reward=RewardConfig(reward="random"),
+        optim=OptimConfig(**{"images_per_step": 2, "rounds": 2, "learning_rate": 0.05, **optim}),
+    )
+
+
+def loaded_model(folder, cfg: AdaptConfig):
+    loaded = load_model(cfg.model)
+    loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
+    return loaded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_grpo_step_changes_lora_only(tiny_model_dir, family):
+    """Guards the core promise on every family: a step moves LoRA weights and nothing else."""
+    cfg = small_config(tiny_model_dir(family))
+    loaded = loaded_model(tiny_model_dir(family), cfg)
+    frozen = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in trainable_params(loaded.model).items()}
+    policy = make_policy(loaded)
+    params = list(trainable_params(loaded.model).values())
+    optimizer = make_optimizer(params, cfg.optim.learning_rate, 0.0)
+    record, rollouts, groups = run_step(policy, make_items(2), cfg, 0, 0, optimizer, params)
+    assert len(rollouts) == 2 * cfg.rollout.n_rollouts
+    assert sum(r.trained for r in rollouts) == 2 * cfg.rollout.n_train
+    assert record.tokens > 0 and record.grad_norm > 0
+    suppressed = set(policy.suppress)
+    for g in groups:
+        for c in g.completions:
+            assert not suppressed & set(c.tolist()), "sampled an image/special token"
+    after = trainable_params(loaded.model)
+    assert any(not torch.equal(lora_before[n], p) for n, p in after.items())
+    for n, p in loaded.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(frozen[n], p), f"base weight {n} changed"
+
+
+def test_cached_image_features_give_identical_logprobs(tiny_model_dir):
+    """The vision tower runs once per image; the cached path must score exactly as pixels do."""
+    folder = tiny_model_dir("qwen2_vl")  # flattened patches + rope grids: the tricky layout
+    cfg = small_config(folder)
+    loaded = loaded_model(folder, cfg)
+    item = make_items(1)[0]
+    results = []
+    for cached in (True, False):
+        policy = make_policy(loaded, cache_images=cached)
+        torch.manual_seed(0)
+        group = rollout_group(policy, item, cfg.task, cfg.rollout, [None])
+        logp, mask = sequence_logprobs(loaded.model, group.encoded[0], group.completions,
+                                       policy.pad, 1.0)  # fmt: skip
+        results.append((group.responses, logp, mask))
+    assert results[0][0] == results[1][0]
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-3)  # batch-shape numerics
+    assert make_policy(loaded).cache.enabled
+
+
+def test_converged_groups_cost_no_forward_pass(tiny_model_dir):
+    """Guards the zero-advantage shortcut: agreeing rollouts must not run the model."""
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder)
+    loaded = loaded_model(folder, cfg)
+    policy = make_policy(loaded)
+    group = rollout_group(policy, make_items(1)[0], cfg.task, cfg.rollout, [None])
+    group.train_mask = [True] * len(group.answers)
+    calls = []
+    hook = loaded.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    params = list(trainable_params(loaded.model).values())
+    stats = grpo_update(
+        policy, [group], [[0.0] * len(group.answers)], make_optimizer(params, 1e-3, 0.0),
+        params, temperature=1.0, clip_eps=0.2, beta=0.1, grad_clip=1.0,
+    )  # fmt: skip
+    hook.remove()
+    assert calls == [] and stats.tokens == 0 and stats.groups_skipped == 1
+
+
+def test_kl_is_measured_only_with_beta(tiny_model_dir):
+    """beta > 0 runs a reference pass with the adapter disabled; beta = 0 runs none."""
+    folder = tiny_model_dir("llava")
+    for beta, expect_kl in ((0.0, False), (0.5, True)):
+        cfg = small_config(folder, beta=beta, rounds=2)
+        loaded = loaded_model(folder, cfg)
+        result = adapt(loaded, make_items(2), cfg)
+        kls = [r.kl for r in result.history]
+        if expect_kl:
+            assert all(k >= 0 for k in kls) and kls[-1] > 0  # adapter moved: KL > 0
+        else:
+            assert all(k != k for k in kls)  # NaN: not measured
+
+
+def test_stop_is_honoured_within_one_step_and_checkpoints(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder)
+    loaded = loaded_model(folder, cfg)
+    events: list[tuple[str, dict]] = []
+    steps_seen = []
+
+    def stop() -> bool:
+        return len(steps_seen) >= 1
+
+    def sink(kind, data):
+        events.append((kind, data))
+        if kind == "step":
+            steps_seen.append(data["step"])
+
+    result = adapt(loaded, make_items(4), cfg, sink, stop, output_dir=tmp_path)
+    assert result.status == "stopped" and result.steps == 1
+    assert (result.checkpoint / "state.json").exists()
+    assert (result.checkpoint / "adapter_model.safetensors").exists()
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.index("rollouts") < kinds.index("step")  # a step's rollouts land first
+    assert events[-1][1]["status"] == "stopped"
+
+
+def test_resume_continues_from_checkpoint_not_from_scratch(tiny_model_dir, tmp_path):
+    """A stopped-then-resumed run must end with exactly the weights of an uninterrupted one."""
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder, rounds=2)
+    items = make_items(4)
+
+    full = loaded_model(folder, cfg)
+    adapt(full, items, cfg, output_dir=tmp_path / "full")
+    want = {n: p.detach().clone() for n, p in trainable_params(full.model).items()}
+
+    part = loaded_model(folder, cfg)
+    steps = []
+    first = adapt(part, items, cfg, lambda k, d: steps.append(d) if k == "step" else None,
+                  lambda: len(steps) >= 3, output_dir=tmp_path / "part")  # fmt: skip
+    assert first.status == "stopped" and first.steps == 3
+
+    resumed = loaded_model(folder, cfg)  # a fresh process: new model, new adapter
+    later = []
+    second = adapt(resumed, items, cfg, lambda k, d: later.append(d) if k == "step" else None,
+                   output_dir=tmp_path / "part", resume_from=first.checkpoint)  # fmt: skip
+    assert second.status == "done" and second.steps == 4
+    assert [d["step"] for d in later] == [3]  # only the missing step ran
+    got = trainable_params(resumed.model)
+    for n, p in want.items():
+        assert torch.allclose(p, got[n], atol=1e-6), n
+
+
+def test_guard_rolls_back_a_collapse(tiny_model_dir, tmp_path, monkeypatch):
+    """When greedy answers collapse onto one answer the guard restores the best weights."""
+    import ttrv.adapt as adapt_mod
+
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder, rounds=3)
+    loaded = loaded_model(folder, cfg)
+    items = make_items(4)
+    answers = iter(
+        [["cat", "dog", "bird", "fish"], ["cat", "dog", "bird", "cat"]] + [["fish"] * 4] * 5
+    )
+    real = adapt_mod.greedy_answers
+
+    def fake(policy, its, task, rollout):
+        out = real(policy, its, task, rollout)
+        for a, ans in zip(out, next(answers), strict=True):
+            a["answer"] = ans
+        return out
+
+    monkeypatch.setattr(adapt_mod, "greedy_answers", fake)
+    events = []
+    result = adapt(loaded, items, cfg, lambda k, d: events.append((k, d)), output_dir=tmp_path)
+    assert result.status == "guard_stopped"
+    guard = [d for k, d in events if k == "guard"]
+    assert len(guard) == 1 and "single answer" in guard[0]["reason"]
+    assert guard[0]["action"] == "rollback"
+
+
+def test_empty_image_set_is_refused(tiny_model_dir):
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder)
+    with pytest.raises(ValueError, match="No images"):
+        adapt(loaded_model(folder, cfg), [], cfg)
+
+
+def test_seeded_runs_are_reproducible(tiny_model_dir):
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder, rounds=1)
+    runs = []
+    for _ in range(2):
+        random.seed(123)  # global state must not matter
+        result = adapt(loaded_model(folder, cfg), make_items(2), cfg)
+        runs.append([(r.reward_mean, r.loss) for r in result.history])
+    assert runs[0] == runs[1]
