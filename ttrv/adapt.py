@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,8 +262,10 @@ def adapt(
     state: dict[str, Any]
     if resume_from:
         state = load_checkpoint(Path(resume_from), model, optimizer)
-        for _ in range(state["step"]):
-            scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule, not training
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state["step"]):
+                scheduler.step()
         before = state["before"]
     else:
         sink(
