@@ -1,0 +1,83 @@
+"""The CLI end to end on a tiny model: adapt writes events, answers, adapter; answer reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ttrv", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    return folder
+
+
+@pytest.mark.slow
+def test_adapt_then_answer(tiny_model_dir, images, tmp_path):
+    model = str(tiny_model_dir("llava"))
+    out = tmp_path / "run"
+    proc = run(
+        "adapt", str(images), "--model", model, "--out", str(out), "--kind", "multiple_choice",
+        "--options", "cat,dog,bird", "--n-rollouts", "4", "--n-train", "2",
+        "--max-new-tokens", "3", "--images-per-step", "2", "--rounds", "1", "--reward", "random",
+        "--store", "--data-dir", str(tmp_path / "data"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "broken.png" in proc.stderr  # the corrupt file was skipped with a warning
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.count("step") == 2 and kinds.count("answers") >= 2
+    answers = json.loads((out / "answers.json").read_text())
+    assert len(answers["before"]) == len(answers["after"]) == 3
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "greedy answers changed" in proc.stdout
+
+    from sessions import Store
+
+    sessions = Store(tmp_path / "data").list_sessions()
+    assert len(sessions) == 1 and sessions[0]["status"] == "done"
+
+    proc = run("answer", str(images), "--model", model, "--adapter", str(out / "adapter"),
+               "--kind", "multiple_choice", "--options", "cat,dog,bird", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert len(lines) == 3 and all("answer" in x for x in lines)
+
+
+def test_missing_model_is_a_clear_error(images, tmp_path):
+    proc = run("adapt", str(images), "--model", "no-such-org/no-such-model", "--out",
+               str(tmp_path / "x"))  # fmt: skip
+    assert proc.returncode == 1
+    assert "no-such-org/no-such-model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_image_set_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run("adapt", str(empty), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 1
+    assert "no usable images" in proc.stderr.lower() and "Traceback" not in proc.stderr
