@@ -42,3 +42,12 @@ def test_kl_bound():
     base = signals(["1", "2"])
     now = signals(["1", "2"], kl=0.9)
     assert check(base, now, GuardConfig(max_kl=0.5)).tripped
+
+
+def test_letter_position_bias_trips_even_when_contents_stay_diverse():
+    """Guards the miniature study's failure: option "B" vanishing while digits stay varied."""
+    answers = ["1", "2", "3", "4", "5", "6"]
+    base = signals(answers, positions=[0, 1, 2, 3, 0, 1])
+    now = signals(answers, positions=[0, 0, 0, 0, 0, 3])
+    verdict = check(base, now, GuardConfig())
+    assert verdict.tripped and "letter" in verdict.reason

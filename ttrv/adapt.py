@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import guard as guard_mod
-from .answers import INVALID
+from .answers import INVALID, canonical_label
 from .config import AdaptConfig
 from .events import RolloutRecord, Sink, StepRecord, null_sink
 from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
 from .lora import ADAPTER_FILE, adapter_state, load_adapter_state, save_adapter
 from .rewards import group_advantages, make_reward
 from .rollout import Group, ImageCache, Policy, greedy_answers, rollout_group, wants_token_type_ids
-from .tasks import Item, option_orders
+from .tasks import Item, item_options, option_orders
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -74,6 +74,18 @@ def answer_stats(answers: list[str]) -> tuple[float, float, float]:
     entropy = -sum(c / n * math.log(c / n) for c in Counter(answers).values())
     invalid = sum(a == INVALID for a in answers) / n
     return consensus, entropy, invalid
+
+
+def greedy_signals(task: Any, items: list[Item], answers: list[dict[str, str]]) -> Any:
+    """Guard signals of one set of greedy answers (option positions for multiple choice)."""
+    positions = None
+    if task.kind == "multiple_choice":
+        positions = []
+        for item, a in zip(items, answers, strict=True):
+            options = [canonical_label(o, task) for o in item_options(task, item)]
+            if a["answer"] in options:
+                positions.append(options.index(a["answer"]))
+    return guard_mod.signals([a["answer"] for a in answers], positions=positions)
 
 
 def is_converged(group: Group) -> bool:
@@ -287,7 +299,7 @@ def adapt(
             "before": before,
         }
 
-    base_signals = guard_mod.signals([a["answer"] for a in before])
+    base_signals = greedy_signals(cfg.task, items, before)
     # Rollback target: the adapter as it stands at the start of this run (a fresh LoRA is a
     # no-op), replaced by any later round whose signals are at least as healthy.
     best_weights = adapter_state(model)
@@ -341,7 +353,7 @@ def adapt(
         state["order"] = None
         answers = greedy_answers(policy, items, cfg.task, cfg.rollout)
         sink("answers", {"phase": f"round-{rnd + 1}", "answers": answers})
-        now = guard_mod.signals([a["answer"] for a in answers])
+        now = greedy_signals(cfg.task, items, answers)
         if cfg.guard.guard:
             verdict = guard_mod.check(base_signals, now, cfg.guard)
             if verdict.tripped:

@@ -151,17 +151,6 @@ def _progress(total: int):
     return sink
 
 
-def accuracy(answers: list[dict[str, str]], items: list[Any]) -> float | None:
-    from .answers import normalize_text
-
-    labels = {it.image_id: it.label for it in items if it.label is not None}
-    if not labels:
-        return None
-    hits = [normalize_text(a["answer"]) == normalize_text(labels[a["image_id"]]) for a in answers
-            if a["image_id"] in labels]  # fmt: skip
-    return sum(hits) / len(hits)
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
     base = json.loads(args.config.read_text()) if args.config else None
     cfg = config_from_args(args, base)
@@ -171,6 +160,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     from .adapt import adapt, steps_per_run
+    from .evaluate import accuracy
     from .events import JsonlSink, fanout
     from .loading import load_model
     from .lora import attach_lora, save_adapter
@@ -205,8 +195,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         "status": result.status,
         "reason": result.reason,
         "steps": result.steps,
-        "accuracy_before": accuracy(result.before, items),
-        "accuracy_after": accuracy(result.after, items),
+        "accuracy_before": accuracy(result.before, items, cfg.task),
+        "accuracy_after": accuracy(result.after, items, cfg.task),
         "changed": sum(
             b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
         ),
@@ -240,6 +230,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     items = _load_items(args.images, args.labels)
     from .adapt import make_policy
     from .config import RolloutConfig
+    from .evaluate import accuracy, correct
     from .loading import load_model
     from .lora import load_adapter
     from .rollout import greedy_answers
@@ -253,9 +244,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"name": it.name, **a, "label": it.label}))
         else:
-            mark = "" if it.label is None else ("  ok" if a["answer"] == it.label else "  x")
+            mark = (
+                ""
+                if it.label is None
+                else ("  ok" if correct(a["answer"], it.label, cfg.task) else "  x")
+            )
             print(f"{it.name:30s} {a['answer']:12s} {a['response']!r}{mark}")
-    acc = accuracy(answers, items)
+    acc = accuracy(answers, items, cfg.task)
     if acc is not None:
         print(f"accuracy: {acc:.1%} on {len(items)} labelled images", file=sys.stderr)
     return 0

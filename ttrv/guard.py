@@ -40,12 +40,19 @@ class Signals:
     distinct: int
     invalid_rate: float
     kl: float | None = None
+    # Multiple choice: entropy of the chosen option *positions* (letters). Voting over
+    # contents hides a letter-slot bias that wipes out one letter (the miniature study's "B").
+    position_entropy: float | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 
-def signals(answers: Sequence[str], kl: float | None = None) -> Signals:
+def signals(
+    answers: Sequence[str], kl: float | None = None, positions: Sequence[int] | None = None
+) -> Signals:
+    """Signals of one set of greedy answers (one per image); `positions` are the chosen
+    option indices of a multiple-choice task (invalid answers left out)."""
     n = max(1, len(answers))
     valid = {a for a in answers if a != INVALID}
     return Signals(
@@ -53,6 +60,7 @@ def signals(answers: Sequence[str], kl: float | None = None) -> Signals:
         distinct=len(valid),
         invalid_rate=sum(a == INVALID for a in answers) / n,
         kl=kl,
+        position_entropy=marginal_entropy([str(p) for p in positions]) if positions else None,
     )
 
 
@@ -71,6 +79,13 @@ def check(base: Signals, now: Signals, cfg: GuardConfig) -> Verdict:
             reasons.append(
                 f"answer diversity across images fell by {drop:.0%} "
                 f"(entropy {base.marginal_entropy:.2f} -> {now.marginal_entropy:.2f} nats)"
+            )
+    if base.position_entropy and now.position_entropy is not None:
+        drop = 1 - now.position_entropy / base.position_entropy
+        if drop > cfg.max_marginal_entropy_drop:
+            reasons.append(
+                f"the spread of chosen option letters fell by {drop:.0%}: a letter-position "
+                "bias is being reinforced"
             )
     if now.distinct <= 1 < base.distinct:
         reasons.append("the model collapsed onto a single answer for every image")
