@@ -139,11 +139,8 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------------
 
     def _job_load_model(self, job: dict[str, Any]) -> dict[str, Any]:
-        from ttrv.config import LoraConfig
-
         req = job["request"]
         loaded = self.ensure_model(req["model"], req.get("lora") or {}, seed=0)
-        del LoraConfig
         return {"info": loaded.info}
 
     def _session_setup(self, sid: str) -> tuple[Any, list[Any], Any]:
@@ -152,9 +149,8 @@ class Worker:
         session = self.store.get_session(sid)
         cfg = AdaptConfig.from_dict(session["config"])
         items = self.session_items(sid)
-        loaded = self.ensure_model(
-            cfg.to_dict()["model"], cfg.to_dict()["lora"], seed=cfg.optim.seed
-        )
+        parts = cfg.to_dict()
+        loaded = self.ensure_model(parts["model"], parts["lora"], seed=cfg.optim.seed)
         return cfg, items, loaded
 
     def session_items(self, sid: str) -> list[Any]:
