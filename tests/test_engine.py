@@ -225,3 +225,17 @@ def test_seeded_runs_are_reproducible(tiny_model_dir):
         result = adapt(loaded_model(folder, cfg), make_items(2), cfg)
         runs.append([(r.reward_mean, r.loss) for r in result.history])
     assert runs[0] == runs[1]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    """Checkpointing trades compute for memory; it must not change the maths."""
+    folder = tiny_model_dir("llava")
+    results = []
+    for ckpt in (False, True):
+        cfg = small_config(folder, rounds=1)
+        cfg.model.gradient_checkpointing = ckpt
+        loaded = loaded_model(folder, cfg)
+        adapt(loaded, make_items(2), cfg)
+        results.append({n: p.detach().clone() for n, p in trainable_params(loaded.model).items()})
+    for n, p in results[0].items():
+        assert torch.allclose(p, results[1][n], atol=1e-5), n

@@ -28,7 +28,15 @@ from .events import RolloutRecord, Sink, StepRecord, null_sink
 from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
 from .lora import ADAPTER_FILE, adapter_state, load_adapter_state, save_adapter
 from .rewards import group_advantages, make_reward
-from .rollout import Group, ImageCache, Policy, greedy_answers, rollout_group, wants_token_type_ids
+from .rollout import (
+    Group,
+    ImageCache,
+    Policy,
+    greedy_answers,
+    hf_model,
+    rollout_group,
+    wants_token_type_ids,
+)
 from .tasks import Item, item_options, option_orders
 
 STATE_FILE = "state.json"
@@ -258,6 +266,11 @@ def adapt(
         raise ValueError("No images to adapt on: add at least one image.")
     out = Path(output_dir) if output_dir else None
     model = loaded.model
+    if cfg.model.gradient_checkpointing:
+        # Only active in train mode, so rollouts (eval mode) keep their KV cache.
+        hf_model(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     policy = make_policy(loaded)
     params = list(trainable_params(model).values())
     if not params:

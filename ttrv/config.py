@@ -48,6 +48,13 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_help("Where the model runs; auto = CUDA when available.")
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "Recompute activations in the backward pass: less memory for long responses, "
+            "about a third more compute per training pass."
+        ),
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata=_help("Run Python code shipped with the model (only for models you trust)."),
