@@ -1,0 +1,173 @@
+"""The workbench in a real headless Chromium (Playwright driving Debian's /usr/bin/chromium).
+
+Open the app, load the demo images, start an adaptation, watch the step count advance and
+a curve appear, stop, open an image in Inspect. Every step waits for its visible result and
+fails the test when it does not come; screenshots go to test-artifacts/.
+
+Run: `python -m pytest -m browser tests/test_browser.py` (about a minute).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_ui import demo_and_model, free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Where to also save the README screenshots (e.g. docs/screenshots), if set.
+DOCS_SHOTS = os.environ.get("TTRV_SCREENSHOTS")
+STEP_TIMEOUT_MS = 60_000
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(
+        f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    import torch
+
+    from sessions import jobs
+    from sessions.store import Store
+    from sessions.worker import Worker
+    from ui.workbench import create_app, launch_options
+
+    tmp = tmp_path_factory.mktemp("browser")
+    demo_dir, model = demo_and_model(tmp, tiny_model_dir)
+    store = Store(tmp / "data")
+    worker = Worker(store, poll_s=0.1).start()
+    demo = create_app(store, demo_dir=demo_dir)
+    torch.set_num_threads(1)
+    demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port(),
+                **launch_options(store, demo_dir))  # fmt: skip
+    yield demo.local_url, store, model
+    for session in store.list_sessions():
+        if session["status"] in ("queued", "running"):
+            jobs.request_stop(store, session["id"])
+    worker.shutdown(timeout=30)
+    demo.close()
+    store.close()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # Playwright gives every launch a fresh temporary profile (its --user-data-dir).
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+def shot(page, name: str, docs: bool = False) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    if docs and DOCS_SHOTS:
+        Path(DOCS_SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(DOCS_SHOTS) / f"{name}.png"), full_page=True)
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def done_steps(page) -> int:
+    return int(page.locator("#progress .ttrv-progress").get_attribute("data-done") or 0)
+
+
+def test_adapt_in_the_browser(app, page):
+    try:
+        drive(app, page)
+    except BaseException:
+        shot(page, "failure")  # what the page showed when a step did not happen
+        raise
+
+
+def drive(app, page) -> None:
+    url, store, model = app
+    started = time.monotonic()
+    page.goto(url)
+    page.wait_for_selector("#current-session")
+
+    # Model: the bundled model is preselected; otherwise type the tiny model's folder.
+    if not page.locator("#cfg-model-model input").input_value().startswith(Path(model).name):
+        box = page.locator("#cfg-model-model input")
+        box.fill(model)
+        box.press("Enter")
+
+    page.click("#tab-images-button")
+    page.click("#load-demo")
+    page.wait_for_selector("#images-status :text('Added')")
+    page.wait_for_selector("#draft-gallery img")
+    shot(page, "1-images")
+
+    page.click("#tab-adapt-button")
+    for elem_id, value in (("cfg-rollout-n_rollouts", 4), ("cfg-rollout-n_train", 4),
+                           ("cfg-rollout-max_new_tokens", 4), ("cfg-optim-images_per_step", 2),
+                           ("cfg-optim-rounds", 20)):  # fmt: skip
+        set_number(page, elem_id, value)
+    page.click("#tab-adapt :text('Guard')")  # open the accordion; keep the run going until
+    page.locator("#cfg-guard-guard input").uncheck()  # the Stop button ends it
+    page.click("#start-btn")
+    page.wait_for_selector("#adapt-status :text('Started session')")
+
+    # The step count advances and the curves appear, polled by the timer.
+    page.wait_for_function(
+        "() => +(document.querySelector('#progress .ttrv-progress')?.dataset.done || 0) >= 1",
+        timeout=120_000,
+    )
+    first = done_steps(page)
+    page.wait_for_function(
+        f"() => +(document.querySelector('#progress .ttrv-progress')?.dataset.done || 0) > {first}"
+    )
+    page.wait_for_selector("#curves .js-plotly-plot .scatterlayer .trace")
+    assert re.search(r"Step \d+ / \d+", page.inner_text("#progress"))
+    shot(page, "adapt", docs=True)
+
+    page.click("#stop-btn")
+    page.wait_for_selector("#progress .ttrv-progress[data-status='stopped']")
+    sid = store.list_sessions()[0]["id"]
+    assert store.get_session(sid)["status"] == "stopped"
+
+    page.click("#tab-inspect-button")
+    page.wait_for_selector("#inspect-gallery img")
+    page.locator("#inspect-gallery img").first.click()
+    page.wait_for_selector("#inspect-detail :text('before adaptation')")
+    page.wait_for_function(  # the rollouts table has rows with text
+        "() => [...document.querySelectorAll('#inspect-groups [role=gridcell]')]"
+        ".some(cell => cell.innerText.trim())"
+    )
+    page.wait_for_selector("#inspect-answers .js-plotly-plot")
+    shot(page, "inspect", docs=True)
+
+    page.click("#tab-sessions-button")
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('#sessions-table [role=gridcell]')]"
+        f".some(cell => cell.innerText.includes('{sid}'))"
+    )
+    shot(page, "sessions", docs=True)
+    assert time.monotonic() - started < 120, "the browser test took over two minutes"

@@ -1,0 +1,379 @@
+"""The workbench through its HTTP API (gradio_client), with the real worker in-process.
+
+One app per module on a free port with a temporary data directory. The model is the
+bundled demo model when it has been built, else a tiny LLaVA built here; the demo images
+are the bundled ones when present, else eight drawn digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image, ImageDraw
+
+from ttrv.config import BUNDLED_MODEL
+
+# Small and quick: N=4 rollouts, 2 images per step, guard off (a random tiny model would
+# trip it), no skipping of converged images (so long runs stay long).
+FAST = {
+    "rollout__n_rollouts": 4,
+    "rollout__n_train": 4,
+    "rollout__max_new_tokens": 4,
+    "optim__images_per_step": 2,
+    "optim__rounds": 1,
+    "optim__skip_converged": False,
+    "guard__guard": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_demo_dir(folder: Path, n: int = 8) -> Path:
+    """`n` drawn digits plus labels.csv, laid out like demo/digits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        image = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(image).text((22, 16), str(i % 10), fill=255, font_size=30)
+        image.save(folder / f"digit_{i}.png")
+        rows.append([f"digit_{i}.png", str(i % 10)])
+    with (folder / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["file", "label"], *rows])
+    return folder
+
+
+def demo_and_model(tmp: Path, tiny_model_dir) -> tuple[Path, str]:
+    from ui.workbench import DEMO_DIR
+
+    demo = DEMO_DIR if (DEMO_DIR / "labels.csv").is_file() else make_demo_dir(tmp / "demo")
+    built = (Path(BUNDLED_MODEL) / "config.json").is_file()
+    return demo, BUNDLED_MODEL if built else str(tiny_model_dir("llava"))
+
+
+# -- pure helpers: forms, charts, draft ---------------------------------------------------------
+
+
+def test_forms_are_derived_from_every_config_field():
+    """A config field added to a dataclass appears in the UI with a fitting component,
+    its help text as info; no field is copied by hand."""
+    import dataclasses
+
+    import gradio as gr
+
+    from ttrv.config import SECTIONS, field_choices, field_type
+    from ui import forms
+
+    with gr.Blocks():
+        built = {s: forms.build_section(s) for s in SECTIONS}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            comp = built[section][forms.key(section, f.name)]
+            assert f.metadata["help"] in comp.info
+            typ = field_type(cls, f.name)
+            if field_choices(cls, f.name):
+                assert isinstance(comp, gr.Radio | gr.Dropdown)
+            elif typ is bool:
+                assert isinstance(comp, gr.Checkbox)
+            elif typ in (int, float):
+                assert isinstance(comp, gr.Number | gr.Slider), f.name
+            else:
+                assert isinstance(comp, gr.Textbox)
+
+
+def test_form_values_are_validated_with_fix_it_messages():
+    from ttrv.config import ConfigError
+    from ui.forms import config_from_values
+
+    cfg = config_from_values(
+        {"rollout__n_rollouts": 8.0, "rollout__n_train": 8, "optim__rounds": "3"}
+    )
+    assert cfg.rollout.n_rollouts == 8 and cfg.optim.rounds == 3 and cfg.lora.rank == 8
+    for values, message in (
+        ({"rollout__n_rollouts": 2.5}, "whole number"),
+        ({"rollout__max_new_tokens": 5000}, "must be <= 4096"),
+        ({"optim__rounds": None}, "is empty"),
+        ({"rollout__n_rollouts": 4, "rollout__n_train": 8}, "must be between 1 and N"),
+        ({"nope__x": 1}, "Unknown setting"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config_from_values(values)
+
+
+def test_progress_counts_steps_and_estimates_the_rest():
+    from ui import charts
+
+    assert charts.total_steps(24, rounds=2, images_per_step=5) == 10
+    steps = [{"step": i, "round": 0, "seconds": 2.0} for i in range(4)]
+    config = {"optim": {"rounds": 2, "images_per_step": 5}}
+    p = charts.progress(steps, config, n_images=24, status="running")
+    assert (p.done, p.total, p.round, p.eta_s) == (4, 10, 1, 12.0)
+    assert charts.progress(steps, config, 24, "stopped").eta_s is None
+    html_text = charts.progress_html(p, "adapting", elapsed_s=75)
+    assert "Step 4 / 10" in html_text and "ETA 0:12" in html_text and "elapsed 1:15" in html_text
+
+
+def test_rollouts_grouped_by_answer_and_filters():
+    from ui import charts
+
+    rollouts = [
+        {"answer": "7", "reward": 0.5, "advantage": 1.0, "trained": True, "response": "7"},
+        {"answer": "7", "reward": 0.5, "advantage": 1.0, "trained": True, "response": "seven"},
+        {"answer": "1", "reward": 0.2, "advantage": -1.0, "trained": False, "response": "1"},
+        {"answer": "<invalid>", "reward": 0.0, "advantage": -1.0, "trained": True,
+         "response": ""},
+    ]  # fmt: skip
+    groups = charts.rollout_groups(rollouts)
+    assert [(g["answer"], g["count"], g["trained"]) for g in groups] == [
+        ("7", 2, 2), ("1", 1, 0), ("<invalid>", 1, 1)
+    ]  # fmt: skip
+    stats = charts.image_stats(rollouts)
+    assert stats == {"consensus": 0.5, "invalid": 0.25, "n": 4}
+    row = {"flipped": True, "before": "1", "after": "7", "correct_after": False}
+    assert charts.matches_filter(row, stats, "changed")
+    assert charts.matches_filter(row, stats, "wrong")
+    assert not charts.matches_filter(row, stats, "uncertain")  # 0.5 is not below 0.5
+    assert not charts.matches_filter(row, stats, "invalid")
+    assert len(charts.reward_figure(rollouts).data) == 3
+    assert len(charts.curves_figure({"a": [{"step": 0, "reward_mean": 1.0}]}).data) == 9
+
+
+def test_collapse_warning_fires_only_when_answers_pile_up():
+    from ui.charts import collapse_warning
+
+    def rows(before, after):
+        return [{"before": b, "after": a} for b, a in zip(before, after, strict=True)]
+
+    assert collapse_warning(rows("0123", "0123")) is None
+    warning = collapse_warning(rows("012345", "333335"))
+    assert "Collapse risk" in warning and "5 of 6" in warning
+    assert "leans to one answer" in collapse_warning(rows("333301", "333301"))
+    assert collapse_warning(rows("01", "33")) is None  # too few images to tell
+
+
+def test_draft_from_a_zip_with_class_folders_and_bad_members(tmp_path):
+    """Class sub-folders in an archive become labels; a member that would leave the
+    folder, a non-image and a duplicate are reported; thumbnails are written."""
+    import zipfile
+
+    from ui import draft
+
+    png = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), "blue").save(png)
+    other = tmp_path / "b.png"
+    Image.new("RGB", (40, 30), "green").save(other)
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(png, "set/cat/a.png")
+        zf.write(other, "set/dog/b.png")
+        zf.write(png, "set/dog/copy.png")
+        zf.writestr("set/dog/readme.png", "text")
+        zf.writestr("../evil.png", "x")
+    new, messages = draft.add_files([], [str(archive)])
+    assert sorted((d["name"], d["label"]) for d in new) == [("a.png", "cat"), ("b.png", "dog")]
+    text = "\n".join(messages)
+    assert "copy.png" in text and "readme.png" in text and "evil" not in text
+    assert all(Path(d["thumb"]).is_file() for d in new)
+    again, messages = draft.add_files(new, [str(png)])
+    assert len(again) == 2 and "already added" in messages[-1]
+    assert draft.remove(again, 0) == again[1:]
+
+
+# -- the app through its API --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    import torch
+
+    from sessions import jobs
+    from sessions.store import Store
+    from sessions.worker import Worker
+    from ui.workbench import create_app, launch_options
+
+    tmp = tmp_path_factory.mktemp("ui")
+    demo_dir, model = demo_and_model(tmp, tiny_model_dir)
+    store = Store(tmp / "data")
+    worker = Worker(store, poll_s=0.1).start()
+    demo = create_app(store, demo_dir=demo_dir)
+    torch.set_num_threads(1)
+    demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port(),
+                **launch_options(store, demo_dir))  # fmt: skip
+    yield SimpleNamespace(url=demo.local_url, store=store, model=model, demo_dir=demo_dir)
+    for session in store.list_sessions():  # a failed test may leave a run going
+        if session["status"] in ("queued", "running"):
+            jobs.request_stop(store, session["id"])
+    worker.shutdown(timeout=30)
+    demo.close()
+    store.close()
+
+
+def handle_file(path):
+    from gradio_client import handle_file
+
+    return handle_file(path)
+
+
+def client(app):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False, download_files=False)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start(c, app, **overrides):
+    status, *rest = c.predict(session_name="", **{"model__model": app.model, **FAST, **overrides},
+                              api_name="/start")  # fmt: skip
+    return html.unescape(status), *rest
+
+
+@pytest.mark.slow
+def test_load_demo_images(app):
+    """One click loads the demo images with their labels; a second click adds nothing."""
+    c = client(app)
+    gallery, summary, table, status = c.predict(api_name="/load_demo")
+    n = len(list(app.demo_dir.glob("*.png")))
+    assert f"Added {n} image(s)" in status
+    assert f"**{n} images** ready" in summary and f"{n} labelled" in summary
+    assert len(gallery) == n
+    assert all(row[1] != "" for row in table["data"])  # every image got its label
+    *_, summary, _, status = c.predict(api_name="/load_demo")
+    assert "already added" in status and f"**{n} images**" in summary
+
+
+@pytest.mark.slow
+def test_bad_uploads_are_reported_and_the_rest_kept(app, tmp_path):
+    """A text file, a truncated PNG and an empty file are named in the message; the good
+    image is added."""
+    from gradio_client import handle_file
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), "red").save(good)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    files = [handle_file(str(tmp_path / n)) for n in ("good.png", "notes.png", "broken.png",
+                                                       "empty.jpg")]  # fmt: skip
+    gallery, summary, _, status = client(app).predict(files, None, api_name="/add_files")
+    assert "Added 1 image(s)" in status
+    for name in ("notes.png", "broken.png", "empty.jpg"):
+        assert name in status
+    assert "/tmp/" not in status.split("Skipped")[1]  # names the user knows, not temp paths
+    assert len(gallery) == 1 and "**1 image**" in summary
+
+
+@pytest.mark.slow
+def test_invalid_hyperparameters_are_rejected_before_anything_starts(app):
+    """ConfigError messages reach the status line and no session is created."""
+    c = client(app)
+    status, *_ = start(c, app)
+    assert "No images to adapt on" in status
+    c.predict(api_name="/load_demo")
+    status, *_ = start(c, app, rollout__n_rollouts=4, rollout__n_train=10)
+    assert "K (n_train=10) must be between 1 and N (n_rollouts=4)" in status
+    status, *_ = start(c, app, optim__learning_rate=-1)
+    assert "learning rate must be >= 0" in status
+    status, *_ = start(c, app, rollout__n_rollouts=None)
+    assert "n rollouts is empty" in status
+    status, *_ = start(c, app, task__kind="multiple_choice", task__options="")
+    assert "without options" in status
+    assert app.store.list_sessions() == []
+
+
+@pytest.mark.slow
+def test_adapt_progress_stop_refusals_resume_delete(app):
+    """Start -> steps reach the store and the progress view; a second tab's start and a
+    delete while running are refused with a message; a reload re-attaches; stop ends the
+    run; resume continues from its checkpoint."""
+    tab1, tab2 = client(app), client(app)
+    tab1.predict(api_name="/load_demo")
+    status, *_ = start(tab1, app, optim__rounds=40)
+    assert "Started session" in status, status
+    sid = app.store.list_sessions()[0]["id"]
+    wait_for(lambda: app.store.metrics(sid), 120, "the first step in the store")
+    progress, *_ = tab1.predict(api_name="/progress")
+    assert "Step " in progress and "data-status='running'" in progress
+
+    tab2.predict(api_name="/load_demo")
+    status, *_ = start(tab2, app)
+    assert "one runs at a time" in status
+    assert len(app.store.list_sessions()) == 1
+    header = tab2.predict(api_name="/attach")  # what a reload or a second tab shows
+    assert sid in header and "running" in header
+
+    status, *_ = tab1.predict(sid, api_name="/delete_session")
+    assert "stop it before deleting" in status
+    assert "Stopping after the current step" in tab1.predict(api_name="/stop")
+    wait_for(lambda: app.store.get_session(sid)["status"] == "stopped", 60, "the stop")
+    steps = len(app.store.metrics(sid))
+
+    status = tab1.predict(api_name="/resume")
+    assert "Resuming from step" in status, status
+    wait_for(lambda: len(app.store.metrics(sid)) > steps, 60, "a step after resuming")
+    tab1.predict(api_name="/stop")
+    wait_for(lambda: app.store.get_session(sid)["status"] == "stopped", 60, "the second stop")
+
+    summary, *_ = tab1.predict("all", None, api_name="/inspect_refresh")
+    assert f"**{len(app.store.images(sid))} images**" in summary
+    image_id = app.store.images(sid)[0]["image_id"]
+    _, detail, groups, _ = tab1.predict(image_id, api_name="/inspect_image")
+    assert "before adaptation" in detail and groups["data"]
+
+    # Ask: base and adapted model side by side, through an "ask" job.
+    picture = handle_file(str(sorted(app.demo_dir.glob("*.png"))[0]))
+    status, *_ = tab1.predict(picture, "Which digit is shown?", sid, 4, api_name="/ask")
+    assert "Asking" in status
+    status, base, adapted, *_ = wait_for(
+        lambda: (out := tab1.predict(api_name="/ask_poll")) and "Asking" not in out[0] and out,
+        60, "the ask job",
+    )  # fmt: skip
+    assert "Base model" in base and "Adapted model" in adapted and "**" in adapted, status
+
+    # Export, import the archive as a second session, compare the two.
+    status, archive = tab1.predict(sid, api_name="/export_session")
+    assert "Exported" in status
+    status, *_ = tab1.predict(handle_file(archive["path"]), api_name="/import_session")
+    assert "Imported" in status
+    copy = next(s["id"] for s in app.store.list_sessions() if s["id"] != sid)
+    summary, _, side_by_side = tab1.predict(sid, copy, api_name="/compare")
+    assert "| steps |" in summary and len(side_by_side["data"]) == len(app.store.images(sid))
+
+    for session_id in (sid, copy):
+        status, *_ = tab1.predict(session_id, api_name="/delete_session")
+        assert "Deleted" in status
+    assert app.store.list_sessions() == []
+
+
+@pytest.mark.slow
+def test_prompt_preview_uses_the_models_chat_template(app):
+    """The preview shows the exact text (chat template, image token) and the parse."""
+    c = client(app)
+    c.predict(api_name="/load_demo")
+    prompt, parsed = c.predict(
+        image_id=None, sample="I think it is 7.", model__model=app.model, api_name="/preview"
+    )
+    assert "Which digit is shown?" in prompt and "<image>" in prompt
+    assert "**7**" in parsed
+    prompt, parsed = c.predict(
+        image_id=None, sample="B", model__model=app.model, task__kind="multiple_choice",
+        task__options="3,7,1", api_name="/preview",
+    )  # fmt: skip
+    assert "A. 3 B. 7 C. 1" in prompt and "**7**" in parsed

@@ -1,0 +1,337 @@
+"""Pure functions from store rows to numbers, text and plotly figures.
+
+Nothing here touches Gradio or the store: every function takes the dicts that
+`sessions.store.Store` returns (`metrics`, `rollouts`, `answers`, `events`) and is
+tested on hand-written rows.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+INVALID = "<invalid>"  # ttrv.answers.INVALID (not imported: keeps this module light)
+# (column, title) of the live training curves, in grid order.
+CURVES: tuple[tuple[str, str], ...] = (
+    ("reward_mean", "reward (mean ± std)"),
+    ("consensus", "consensus (top-answer share)"),
+    ("entropy", "answer entropy (nats)"),
+    ("invalid_rate", "invalid rate"),
+    ("kl", "KL to base"),
+    ("loss", "loss"),
+    ("lr", "learning rate"),
+    ("grad_norm", "grad norm"),
+)
+COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2")
+# An image is "uncertain" when its top answer holds less than this share of its rollouts.
+UNCERTAIN_CONSENSUS = 0.5
+# Collapse warning: one answer holds at least this share of the images' greedy answers...
+COLLAPSE_SHARE = 0.5
+# ...and at least this many images answered (a 2-image session cannot "collapse").
+COLLAPSE_MIN_IMAGES = 4
+
+ACTIVE = ("queued", "running", "stopping")
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+def total_steps(n_images: int, rounds: int, images_per_step: int) -> int:
+    """Planned GRPO steps: rounds * ceil(images / images_per_step) (an upper bound: images
+    whose rollouts all agree may be skipped in later rounds)."""
+    if n_images <= 0:
+        return 0
+    return max(1, rounds) * math.ceil(n_images / max(1, images_per_step))
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    round: int | None  # 1-based round of the last step
+    rounds: int
+    step_s: float | None  # mean seconds per step over the recent steps
+    eta_s: float | None
+    status: str
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+def progress(steps: list[dict[str, Any]], config: dict[str, Any], n_images: int,
+             status: str) -> Progress:  # fmt: skip
+    optim = config.get("optim", {})
+    rounds = int(optim.get("rounds", 1))
+    total = total_steps(n_images, rounds, int(optim.get("images_per_step", 1)))
+    done = len(steps)
+    recent = [s["seconds"] for s in steps[-10:] if s.get("seconds")]
+    step_s = sum(recent) / len(recent) if recent else None
+    eta = step_s * max(0, total - done) if step_s is not None and status in ACTIVE else None
+    last_round = steps[-1].get("round") if steps else None
+    return Progress(
+        done=done,
+        total=max(total, done),
+        round=None if last_round is None else int(last_round) + 1,
+        rounds=rounds,
+        step_s=step_s,
+        eta_s=eta,
+        status=status,
+    )
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def phase_text(p: Progress, has_before: bool, has_after: bool) -> str:
+    """What the run is doing now, in words."""
+    if p.status == "queued":
+        return "queued: waiting for the worker (another job may be running)"
+    if p.status == "stopping":
+        return "stopping after the current step"
+    if p.status == "running":
+        if p.done == 0:
+            return (
+                "loading the model and answering every image before adaptation (baseline)"
+                if not has_before
+                else "sampling the first step's rollouts"
+            )
+        if p.done >= p.total and not has_after:
+            return "answering every image after adaptation"
+        return "adapting"
+    return p.status
+
+
+def progress_html(p: Progress, phase: str, elapsed_s: float | None = None) -> str:
+    """A progress bar with "Step x / y", round, elapsed and ETA (elem ids for tests)."""
+    pct = round(100 * p.fraction)
+    bits = [f"<b class='ttrv-steps'>Step {p.done} / {p.total}</b>"]
+    if p.round is not None:
+        bits.append(f"round {p.round} / {p.rounds}")
+    if p.step_s is not None:
+        bits.append(f"{p.step_s:.1f} s/step")
+    if elapsed_s is not None:
+        bits.append(f"elapsed {clock(elapsed_s)}")
+    if p.eta_s is not None:
+        bits.append(f"ETA {clock(p.eta_s)}")
+    return (
+        f"<div class='ttrv-progress' data-done='{p.done}' data-total='{p.total}' "
+        f"data-status='{html.escape(p.status)}'>"
+        f"<div class='ttrv-bar'><div style='width:{pct}%'></div></div>"
+        f"<div>{' · '.join(bits)} · <i>{html.escape(phase)}</i></div></div>"
+    )
+
+
+# -- curves ------------------------------------------------------------------------------------
+
+
+def curves_figure(runs: dict[str, list[dict[str, Any]]], height: int = 460) -> go.Figure:
+    """Training curves of one or more runs ({name: metrics rows}), one panel per metric."""
+    fig = make_subplots(
+        rows=2, cols=4, subplot_titles=[t for _, t in CURVES],
+        horizontal_spacing=0.06, vertical_spacing=0.16,
+    )  # fmt: skip
+    for i, (name, steps) in enumerate(runs.items()):
+        color = COLORS[i % len(COLORS)]
+        xs = [s["step"] + 1 for s in steps]
+        for j, (column, _) in enumerate(CURVES):
+            row, col = divmod(j, 4)
+            ys = [s.get(column) for s in steps]
+            if column == "reward_mean":
+                std = [s.get("reward_std") or 0.0 for s in steps]
+                upper = [None if y is None else y + d for y, d in zip(ys, std, strict=True)]
+                lower = [None if y is None else y - d for y, d in zip(ys, std, strict=True)]
+                fig.add_trace(
+                    go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself",
+                               fillcolor=color, opacity=0.15, line={"width": 0},
+                               hoverinfo="skip", showlegend=False, legendgroup=name),
+                    row=row + 1, col=col + 1,
+                )  # fmt: skip
+            fig.add_trace(
+                go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, legendgroup=name,
+                           showlegend=j == 0, line={"color": color, "width": 2},
+                           marker={"size": 4}),
+                row=row + 1, col=col + 1,
+            )  # fmt: skip
+    fig.update_layout(
+        height=height,
+        margin={"l": 40, "r": 10, "t": 40, "b": 30},
+        legend={"orientation": "h", "y": -0.08},
+        showlegend=len(runs) > 1,
+        template="plotly_white",
+    )
+    fig.update_annotations(font_size=12)
+    for j, (column, _) in enumerate(CURVES):
+        if any(runs.values()) and all(
+            s.get(column) is None for steps in runs.values() for s in steps
+        ):
+            row, col = divmod(j, 4)
+            fig.add_annotation(text="not measured", showarrow=False, row=row + 1, col=col + 1,
+                               x=0.5, y=0.5, xref="x domain", yref="y domain",
+                               font={"color": "#9ca3af"})  # fmt: skip
+    fig.update_xaxes(title_text=None, rangemode="tozero")
+    if not any(runs.values()):
+        fig.add_annotation(text="No steps yet", showarrow=False, xref="paper", yref="paper",
+                           x=0.5, y=0.5, font={"size": 16, "color": "#6b7280"})  # fmt: skip
+    return fig
+
+
+# -- per image ---------------------------------------------------------------------------------
+
+
+def rollout_groups(rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per distinct answer, most common first: answer, count, share, reward
+    (mean), advantage (mean), trained (how many were trained on), example response."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rollouts:
+        groups.setdefault(r.get("answer") or INVALID, []).append(r)
+    n = len(rollouts)
+    rows = []
+    for answer, rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        rewards = [r["reward"] for r in rs if r.get("reward") is not None]
+        advantages = [r["advantage"] for r in rs if r.get("advantage") is not None]
+        rows.append(
+            {
+                "answer": answer,
+                "count": len(rs),
+                "share": len(rs) / n,
+                "reward": sum(rewards) / len(rewards) if rewards else None,
+                "advantage": sum(advantages) / len(advantages) if advantages else None,
+                "trained": sum(bool(r.get("trained")) for r in rs),
+                "example": (rs[0].get("response") or "").strip()[:200],
+            }
+        )
+    return rows
+
+
+def image_stats(rollouts: list[dict[str, Any]]) -> dict[str, float | None]:
+    """consensus (top-answer share, invalid not counted as an answer) and invalid share."""
+    if not rollouts:
+        return {"consensus": None, "invalid": None, "n": 0}
+    answers = [r.get("answer") or INVALID for r in rollouts]
+    valid = Counter(a for a in answers if a != INVALID)
+    n = len(answers)
+    return {
+        "consensus": max(valid.values()) / n if valid else 0.0,
+        "invalid": sum(a == INVALID for a in answers) / n,
+        "n": n,
+    }
+
+
+def reward_figure(rollouts: list[dict[str, Any]], height: int = 260) -> go.Figure:
+    """Histogram of the rollouts' rewards, stacked by answer."""
+    fig = go.Figure()
+    for i, row in enumerate(rollout_groups(rollouts)):
+        rewards = [
+            r["reward"] for r in rollouts
+            if (r.get("answer") or INVALID) == row["answer"] and r.get("reward") is not None
+        ]  # fmt: skip
+        fig.add_trace(
+            go.Histogram(x=rewards, name=str(row["answer"]), nbinsx=20,
+                         marker_color=COLORS[i % len(COLORS)])
+        )  # fmt: skip
+    fig.update_layout(
+        barmode="stack", height=height, template="plotly_white",
+        margin={"l": 40, "r": 10, "t": 30, "b": 30},
+        title={"text": "reward of each rollout, by answer", "font": {"size": 13}},
+        xaxis_title=None, yaxis_title="rollouts",
+    )  # fmt: skip
+    return fig
+
+
+# -- across images -----------------------------------------------------------------------------
+
+
+def answer_counts(rows: list[dict[str, Any]], which: str) -> Counter:
+    return Counter(r[which] for r in rows if r.get(which) is not None)
+
+
+def collapse_warning(rows: list[dict[str, Any]]) -> str | None:
+    """A warning when the greedy answers pile onto one answer, else None.
+
+    When one answer holds >= COLLAPSE_SHARE of the (>= COLLAPSE_MIN_IMAGES) images' latest
+    answers: a collapse warning if it gained images or other answers vanished during
+    adaptation, else a note that the model leaned that way from the start.
+    """
+    after = answer_counts(rows, "after")
+    before = answer_counts(rows, "before")
+    n = sum(after.values())
+    if n < COLLAPSE_MIN_IMAGES:
+        return None
+    top, count = after.most_common(1)[0]
+    share = count / n
+    before_share = before.get(top, 0) / sum(before.values()) if before else 0.0
+    if share >= COLLAPSE_SHARE and (share > before_share or len(after) < len(before)):
+        return (
+            f"⚠ Collapse risk: {count} of {n} images ({share:.0%}) now answer "
+            f"{top!r} (before adaptation: {before_share:.0%}); {len(after)} distinct answers "
+            f"remain of {len(before)}. Self-consistency rewards sharpen whatever the model "
+            "already prefers: check a few images, lower the learning rate or rounds, or "
+            "keep the guard on."
+        )
+    if share >= COLLAPSE_SHARE:
+        return (
+            f"⚠ {count} of {n} images answer {top!r}, as {before_share:.0%} did before "
+            "adaptation: the model leans to one answer, and adapting on its own votes tends "
+            "to strengthen such a bias."
+        )
+    return None
+
+
+def answers_figure(rows: list[dict[str, Any]], height: int = 280) -> go.Figure:
+    """Greedy answers across all images: how many images gave each answer, before vs after."""
+    before, after = answer_counts(rows, "before"), answer_counts(rows, "after")
+    labels = [a for a, _ in (before + after).most_common()]
+    fig = go.Figure()
+    for name, counts, color in (("before", before, "#94a3b8"), ("after", after, "#2563eb")):
+        if counts:
+            fig.add_trace(go.Bar(x=[str(a) for a in labels], y=[counts.get(a, 0) for a in labels],
+                                 name=name, marker_color=color))  # fmt: skip
+    fig.update_layout(
+        barmode="group", height=height, template="plotly_white",
+        margin={"l": 40, "r": 10, "t": 30, "b": 30},
+        title={"text": "greedy answer of each image, before vs after", "font": {"size": 13}},
+        yaxis_title="images", legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
+    )  # fmt: skip
+    return fig
+
+
+def matches_filter(row: dict[str, Any], stats: dict[str, Any], which: str) -> bool:
+    """Whether an image passes an Inspect filter: all, changed, uncertain, wrong, invalid.
+
+    `row` is a `Store.answers` row, `stats` its `image_stats`.
+    """
+    if which == "changed":
+        return bool(row.get("flipped"))
+    if which == "uncertain":
+        c = stats.get("consensus")
+        return c is not None and c < UNCERTAIN_CONSENSUS
+    if which == "wrong":
+        verdict = row.get("correct_after")
+        if verdict is None:
+            verdict = row.get("correct_before")
+        return verdict is False
+    if which == "invalid":
+        greedy = row.get("after") if row.get("after") is not None else row.get("before")
+        return greedy == INVALID or (stats.get("invalid") or 0) >= 0.5
+    return True
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    return str(value)

@@ -1,0 +1,205 @@
+"""Inspect tab: what adaptation did to each image, and to the answers as a whole.
+
+Per image: its N rollouts grouped by answer (counts, rewards, advantages), a reward
+histogram, the greedy answer before and after and whether it flipped. Filters pick the
+images that changed, stayed uncertain, are wrong (when labels exist) or invalid. Across
+images: the answer distribution before vs after, with a warning when the model is
+collapsing onto one answer, and the guard's events.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+
+from . import charts
+from .state import Context, error, guarded, info
+
+FILTERS = {
+    "all": "All",
+    "changed": "Changed",
+    "uncertain": f"Uncertain (top answer < {charts.UNCERTAIN_CONSENSUS:.0%} of rollouts)",
+    "wrong": "Wrong (needs labels)",
+    "invalid": "Invalid",
+}
+GROUP_HEADERS = ["answer", "count", "share", "mean reward", "mean advantage", "trained",
+                 "example response"]  # fmt: skip
+
+
+def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
+    """Counts per filter and accuracy (when labels exist)."""
+    counts = {k: sum(charts.matches_filter(r, stats[r["image_id"]], k) for r in rows)
+              for k in FILTERS}  # fmt: skip
+    h = session["headline"]
+    parts = [
+        f"**{len(rows)} images** · {counts['changed']} changed · "
+        f"{counts['uncertain']} uncertain · {counts['invalid']} invalid"
+    ]
+    if h.get("labelled"):
+        parts.append(
+            f" · {counts['wrong']} wrong · accuracy (labels, evaluation only) "
+            f"{charts.fmt(h.get('accuracy_before'), 2)} → {charts.fmt(h.get('accuracy_after'), 2)}"
+        )
+    if not any(r["before"] is not None for r in rows):
+        parts.append("\n\nNo answers yet: the baseline runs at the start of the adaptation.")
+    return "".join(parts)
+
+
+def guard_text(events: list[dict]) -> str:
+    shown = [e for e in events if e["kind"] in ("guard", "warning", "run_end")]
+    if not shown:
+        return "No guard events."
+    lines = []
+    for e in shown:
+        d = e["data"]
+        if e["kind"] == "guard":
+            lines.append(f"- step {d.get('step')}: **{d.get('action')}** — "
+                         f"{html.escape(str(d.get('reason')))}")  # fmt: skip
+        elif e["kind"] == "warning":
+            lines.append(f"- ⚠ {html.escape(str(d.get('message')))}")
+        else:
+            lines.append(f"- run ended: **{d.get('status')}** after {d.get('steps')} steps — "
+                         f"{html.escape(str(d.get('reason') or ''))}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def detail_text(row: dict, stats: dict, step: int | None) -> str:
+    def answer(kind: str) -> str:
+        a, resp = row.get(kind), row.get(f"{kind}_response")
+        if a is None:
+            return "—"
+        raw = f" <small>(response: `{html.escape((resp or '').strip()[:80])}`)</small>"
+        return f"**{html.escape(str(a))}**{raw}"
+
+    flipped = {True: "**flipped**", False: "unchanged", None: "—"}[row.get("flipped")]
+    lines = [
+        f"### {html.escape(row['name'])}",
+        f"- before adaptation: {answer('before')}",
+        f"- after adaptation: {answer('after')}"
+        + (
+            f" <small>({row['after_phase']})</small>"
+            if row.get("after_phase") not in (None, "after")
+            else ""
+        ),  # fmt: skip
+        f"- {flipped}",
+    ]
+    if row.get("label") is not None:
+        verdict = {True: "✓ right", False: "✗ wrong", None: "—"}
+        lines.append(
+            f"- label (evaluation only): **{html.escape(row['label'])}** · before "
+            f"{verdict[row.get('correct_before')]} · after {verdict[row.get('correct_after')]}"
+        )
+    if stats.get("n"):
+        lines.append(
+            f"- {stats['n']} rollouts at step {step}: consensus {stats['consensus']:.0%}, "
+            f"invalid {stats['invalid']:.0%}"
+        )
+    else:
+        lines.append("- no rollouts recorded for this image yet")
+    return "\n".join(lines)
+
+
+def build(ctx: Context) -> dict[str, Any]:
+    with gr.Row():
+        which = gr.Radio([(v, k) for k, v in FILTERS.items()], value="all", label="Show",
+                         elem_id="inspect-filter", scale=4)  # fmt: skip
+        refresh_btn = gr.Button("↻ Refresh", scale=0, elem_id="inspect-refresh")
+    summary = gr.Markdown(elem_id="inspect-summary")
+    collapse = gr.Markdown(elem_id="inspect-collapse")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images (click one)", columns=6, height=300,
+                                 allow_preview=False, elem_id="inspect-gallery")  # fmt: skip
+            image_pick = gr.Dropdown(label="Image", choices=[], elem_id="inspect-image",
+                                     allow_custom_value=True)  # fmt: skip
+        with gr.Column(scale=2):
+            distribution = gr.Plot(label="Answers across images", elem_id="inspect-answers")
+    with gr.Row():
+        with gr.Column(scale=1):
+            picture = gr.Image(label="Image", type="filepath", interactive=False, height=240,
+                               elem_id="inspect-picture")  # fmt: skip
+        with gr.Column(scale=2):
+            detail = gr.Markdown(elem_id="inspect-detail")
+            rewards = gr.Plot(label="Reward distribution", elem_id="inspect-rewards")
+    groups = gr.Dataframe(headers=GROUP_HEADERS, interactive=False, wrap=True,
+                          label="Rollouts grouped by answer", elem_id="inspect-groups")  # fmt: skip
+    with gr.Accordion("Guard events", open=False):
+        guard = gr.Markdown(elem_id="inspect-guard")
+    shown_ids = gr.State([])
+
+    @guarded(outputs=8)
+    def refresh(sid: str | None, filt: str, current: str | None) -> tuple:
+        if not sid:
+            return (info("No session yet: start an adaptation or open one in Sessions."),
+                    "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None)  # fmt: skip
+        session = ctx.store.get_session(sid)
+        rows = ctx.store.answers(sid)
+        images = {i["image_id"]: i for i in ctx.store.images(sid)}
+        stats = {r["image_id"]: charts.image_stats(ctx.store.rollouts(sid, r["image_id"]))
+                 for r in rows}  # fmt: skip
+        shown = [r for r in rows if charts.matches_filter(r, stats[r["image_id"]], filt)]
+        note = ""
+        if filt == "wrong" and not any(r["label"] is not None for r in rows):
+            note = "\n\n" + info("No labels in this session, so nothing can be called wrong.")
+        gallery_items = [
+            (images[r["image_id"]]["thumb"],
+             f"{r['name']}: {r['before'] or '—'} → {r['after'] or '—'}")
+            for r in shown if images.get(r["image_id"], {}).get("thumb")
+        ]  # fmt: skip
+        ids = [r["image_id"] for r in shown]
+        value = current if current in ids else (ids[0] if ids else None)
+        return (
+            overview(rows, stats, session) + note,
+            charts.collapse_warning(rows) or "",
+            charts.answers_figure(rows),
+            gallery_items,
+            gr.Dropdown(choices=[(r["name"], r["image_id"]) for r in shown], value=value),
+            ids,
+            guard_text(ctx.store.events(sid)),
+            value,
+        )
+
+    @guarded(outputs=4, status=1)
+    def show_image(sid: str | None, image_id: str | None) -> tuple:
+        if not sid or not image_id:
+            return None, "", [], gr.skip()
+        row = next((r for r in ctx.store.answers(sid) if r["image_id"] == image_id), None)
+        if row is None:
+            return None, error("This image is not in the session."), [], gr.skip()
+        image = next((i for i in ctx.store.images(sid) if i["image_id"] == image_id), {})
+        rollouts = ctx.store.rollouts(sid, image_id)
+        step = rollouts[0]["step"] if rollouts else None
+        table = [
+            [g["answer"], g["count"], f"{g['share']:.0%}", charts.fmt(g["reward"]),
+             charts.fmt(g["advantage"]), g["trained"], g["example"]]
+            for g in charts.rollout_groups(rollouts)
+        ]  # fmt: skip
+        return (
+            image.get("path"),
+            detail_text(row, charts.image_stats(rollouts), step),
+            table,
+            charts.reward_figure(rollouts) if rollouts else None,
+        )
+
+    def pick(ids: list[str], evt: gr.SelectData) -> Any:
+        return ids[evt.index] if 0 <= evt.index < len(ids) else gr.skip()
+
+    hidden = gr.State(None)  # the image to show after a refresh
+    outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden]
+    detail_outs = [picture, detail, groups, rewards]
+    refresh_inputs = [ctx.session, which, image_pick]
+    refresh_btn.click(refresh, refresh_inputs, outs, api_name="inspect_refresh").then(
+        show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
+    )
+    which.change(refresh, refresh_inputs, outs, api_visibility="private").then(
+        show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
+    )
+    image_pick.input(show_image, [ctx.session, image_pick], detail_outs, api_name="inspect_image")
+    gallery.select(pick, [shown_ids], image_pick, api_visibility="private").then(
+        show_image, [ctx.session, image_pick], detail_outs, api_visibility="private"
+    )
+    then = (show_image, [ctx.session, hidden], detail_outs)
+    ctx.on_session_change(refresh, refresh_inputs, outs, then=then)
+    return {"on_select": (refresh, refresh_inputs, outs), "then": then}

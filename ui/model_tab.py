@@ -1,0 +1,148 @@
+"""Model tab: which model (bundled, local folder, cached or hub id), quantisation, LoRA.
+
+"Load model" submits a `load_model` job and polls it: the adaptation loads the same model
+itself, so loading here is a check (does it load, how big is it, where does it run) that
+also saves the time later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sessions import jobs
+from ttrv.config import BUNDLED_MODEL, LoraConfig, ModelConfig
+
+from . import forms
+from .state import Context, error, guarded, info, ok
+
+POLL_S = 1.0
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub resolves it (without importing it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, value) of the bundled model, other folders in models/, and cached hub models.
+
+    Only folder names are listed (cheap); whether a cached model takes images is known
+    when it loads.
+    """
+    bundled = Path(BUNDLED_MODEL)
+    built = (bundled / "config.json").is_file()
+    out = [(f"{bundled.name} (bundled{'' if built else ', not built yet'})", str(bundled))]
+    if bundled.parent.is_dir():
+        for folder in sorted(bundled.parent.iterdir()):
+            if folder != bundled and (folder / "config.json").is_file():
+                out.append((f"{folder.name} (models/)", str(folder)))
+    cache = hf_cache_dir()
+    if cache.is_dir():
+        for entry in sorted(cache.iterdir()):
+            if entry.name.startswith("models--") and (entry / "snapshots").is_dir():
+                hub_id = entry.name[len("models--") :].replace("--", "/")
+                out.append((f"{hub_id} (cached)", hub_id))
+    return out
+
+
+def _model_picker(f: Any, common: dict[str, Any]) -> gr.Dropdown:
+    common = {**common, "info": common["info"] + " Type a hub id or a folder path to add one."}
+    return gr.Dropdown(
+        model_choices(), value=f.default, allow_custom_value=True, filterable=True, **common
+    )
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def job_text(job: dict[str, Any] | None) -> str:
+    """What a load_model job says: queued / loading / the model's numbers / the error."""
+    if job is None:
+        return info("No model loaded yet. The adaptation loads its model by itself.")
+    name = (job.get("request") or {}).get("model", {}).get("model", "?")
+    short = Path(name).name if Path(name).is_absolute() else name
+    if job["status"] == "queued":
+        return info(f"Queued: loading **{short}** after the job that is running now.")
+    if job["status"] == "running":
+        return info(f"Loading **{short}** …")
+    if job["status"] == "failed":
+        return error(f"Loading {short} failed: {job.get('error')}")
+    if job["status"] == "cancelled":
+        return info("The load was cancelled.")
+    i = (job.get("result") or {}).get("info") or {}
+    return ok(
+        f"Loaded **{short}** — {_size(i.get('total_params'))} parameters, "
+        f"{_size(i.get('trainable_params'))} trainable (LoRA) · device **{i.get('device')}** · "
+        f"{i.get('dtype')} · quantisation {i.get('quantization')} · weights "
+        f"{(i.get('param_bytes') or 0) / 2**20:.1f} MiB"
+    )
+
+
+def build(ctx: Context) -> None:
+    gr.Markdown(
+        "Pick an image-text-to-text model: the bundled demo model, a local folder, or a "
+        "Hugging Face hub id. Only the LoRA weights of the language model are trained."
+    )
+    model_form = forms.build_section("model", overrides={"model": _model_picker}, columns=3)
+    with gr.Accordion("LoRA", open=False):
+        lora_form = forms.build_section("lora", columns=4)
+    ctx.forms.update(model_form)
+    ctx.forms.update(lora_form)
+    with gr.Row():
+        load_btn = gr.Button("Load model", variant="primary", elem_id="load-model", scale=0)
+        refresh_btn = gr.Button("↻ Refresh list", scale=0, size="sm")
+    status = gr.Markdown(elem_id="model-status")
+    job_id = gr.State(None)
+    timer = gr.Timer(POLL_S, active=False)
+
+    @guarded(outputs=3)
+    def load(**values: Any) -> tuple[Any, ...]:
+        data = forms.config_dict(values)
+        request = {"model": asdict(ModelConfig(**data["model"])),
+                   "lora": asdict(LoraConfig(**data["lora"]))}  # fmt: skip
+        jid = jobs.submit(ctx.store, "load_model", request)
+        return info("Queued the model load …"), jid, gr.Timer(active=True)
+
+    def poll(jid: int | None) -> tuple[Any, ...]:
+        if jid is None:
+            return gr.skip(), gr.Timer(active=False)
+        try:
+            job = jobs.get(ctx.store, jid)
+        except Exception as exc:  # noqa: BLE001 - shown, polling stops
+            return error(str(exc)), gr.Timer(active=False)
+        done = job["status"] not in ("queued", "running")
+        return job_text(job), gr.Timer(active=not done)
+
+    def last_load() -> str:
+        try:
+            return job_text(jobs.latest(ctx.store, "load_model"))
+        except Exception as exc:  # noqa: BLE001
+            return error(str(exc))
+
+    def refresh_list(current: str) -> Any:
+        return gr.Dropdown(choices=model_choices(), value=current)
+
+    model_inputs = {**model_form, **lora_form}
+    load_btn.click(load, None, [status, job_id, timer], inputs_kwargs=model_inputs,
+                   api_name="load_model")  # fmt: skip
+    timer.tick(poll, job_id, [status, timer], show_progress="hidden", api_visibility="private")
+    refresh_btn.click(refresh_list, model_form["model__model"], model_form["model__model"],
+                      api_visibility="private")  # fmt: skip
+    ctx.on_load(last_load, [], [status])

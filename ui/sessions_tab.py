@@ -1,0 +1,181 @@
+"""Sessions tab: every session with its status and headline numbers; open one (it becomes
+the current session the other tabs show), compare two, delete, export and import.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import charts, forms
+from .state import Context, error, guarded, header_text, ok, pick_session, session_choices
+
+HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc. after",
+           "flipped", "images", "model", "created", "id"]  # fmt: skip
+WIDTHS = ["22%", "8%", "6%", "7%", "8%", "7%", "7%", "7%", "6%", "8%", "9%", "9%"]
+COMPARE_HEADERS = ["image", "label", "A before", "A after", "B before", "B after"]
+
+
+def table_rows(sessions: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for s in sessions:
+        h = s["headline"]
+        rows.append([
+            s["name"], s["status"], h.get("steps"), charts.fmt(h.get("reward_mean")),
+            charts.fmt(h.get("consensus")), charts.fmt(h.get("accuracy_before"), 2),
+            charts.fmt(h.get("accuracy_after"), 2),
+            f"{h.get('flipped')}/{h.get('compared')}" if h.get("compared") else "-",
+            h.get("images"), Path(s["model"]).name or s["model"], s["created"][:16].replace("T", " "),
+            s["id"],
+        ])  # fmt: skip
+    return rows
+
+
+def compare_summary(data: dict[str, Any]) -> str:
+    lines = ["| | A | B |", "|---|---|---|"]
+    for key, label in (("name", "name"), ("status", "status")):
+        lines.append(f"| {label} | {data['a'][key]} | {data['b'][key]} |")
+    for key, label in (("steps", "steps"), ("reward_mean", "last reward"),
+                       ("consensus", "last consensus"), ("flipped", "flipped"),
+                       ("accuracy_before", "accuracy before"),
+                       ("accuracy_after", "accuracy after")):  # fmt: skip
+        a, b = data["a"]["headline"].get(key), data["b"]["headline"].get(key)
+        lines.append(f"| {label} | {charts.fmt(a)} | {charts.fmt(b)} |")
+    diff = data["config_diff"]
+    if diff:
+        lines.append("\n**Settings that differ:** " + ", ".join(
+            f"`{d['key']}` {d['a']!r} → {d['b']!r}" for d in diff[:20]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def build(ctx: Context) -> dict[str, Any]:
+    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, label="Sessions",
+                         column_widths=WIDTHS, elem_id="sessions-table")  # fmt: skip
+    with gr.Row():
+        pick = gr.Dropdown(label="Session", choices=[], scale=3, elem_id="sessions-pick",
+                           allow_custom_value=True)  # fmt: skip
+        open_btn = gr.Button("Open", variant="primary", scale=0, elem_id="sessions-open")
+        settings_btn = gr.Button("Use its settings", scale=0)
+        export_btn = gr.Button("Export", scale=0, elem_id="sessions-export")
+        delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="sessions-delete")
+        refresh_btn = gr.Button("↻", scale=0, min_width=40)
+    status = gr.Markdown(elem_id="sessions-status")
+    with gr.Row():
+        export_file = gr.File(label="Exported archive", interactive=False, height=110,
+                              elem_id="export-file")  # fmt: skip
+        import_file = gr.File(label="Import a session archive (.zip)", file_types=[".zip"],
+                              height=110, elem_id="import-file")  # fmt: skip
+    gr.Markdown("### Compare two sessions")
+    with gr.Row():
+        a_pick = gr.Dropdown(label="A", choices=[], elem_id="compare-a", allow_custom_value=True)
+        b_pick = gr.Dropdown(label="B", choices=[], elem_id="compare-b", allow_custom_value=True)
+        compare_btn = gr.Button("Compare", scale=0, elem_id="compare-btn")
+    compare_md = gr.Markdown(elem_id="compare-summary")
+    compare_plot = gr.Plot(label="Curves", elem_id="compare-curves")
+    compare_table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False,
+                                 label="Answers side by side")  # fmt: skip
+
+    def lists(current: str | None) -> tuple:
+        choices = session_choices(ctx.store)
+        ids = [c[1] for c in choices]
+        value = current if current in ids else (ids[0] if ids else None)
+        other = next((i for i in ids if i != value), value)
+        return (
+            table_rows(ctx.store.list_sessions()),
+            gr.Dropdown(choices=choices, value=value),
+            gr.Dropdown(choices=choices, value=value),
+            gr.Dropdown(choices=choices, value=other),
+        )
+
+    list_outs = [table, pick, a_pick, b_pick]
+
+    @guarded(outputs=4, status=None)
+    def refresh(current: str | None) -> tuple:
+        return lists(current)
+
+    @guarded(outputs=3)
+    def open_(sid: str | None) -> tuple:
+        if not sid:
+            return error("Pick a session first."), gr.skip(), gr.skip()
+        session = ctx.store.get_session(sid)
+        return ok(f"Opened {session['name']!r}."), sid, header_text(ctx.store, sid)
+
+    @guarded(outputs=7)
+    def delete(sid: str | None, current: str | None) -> tuple:
+        if not sid:
+            return (error("Nothing deleted."),) + (gr.skip(),) * 6
+        name = ctx.store.get_session(sid)["name"]
+        ctx.store.delete_session(sid)
+        new_current = current if current != sid else pick_session(ctx.store)
+        return (ok(f"Deleted {name!r}."), new_current, header_text(ctx.store, new_current),
+                *lists(new_current))  # fmt: skip
+
+    @guarded(outputs=2)
+    def export(sid: str | None) -> tuple:
+        if not sid:
+            return error("Pick a session first."), gr.skip()
+        session = ctx.store.get_session(sid)
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in session["name"])[:40]
+        dest = Path(tempfile.mkdtemp(prefix="ttrv-export-")) / f"{safe}-{sid}.zip"
+        path = ctx.store.export_session(sid, dest)
+        size = path.stat().st_size / 2**20
+        return ok(f"Exported {session['name']!r} ({size:.1f} MiB)."), str(path)
+
+    @guarded(outputs=7)
+    def import_(path: str | None) -> tuple:
+        if not path:
+            return (gr.skip(),) * 7
+        sid = ctx.store.import_archive(path)
+        session = ctx.store.get_session(sid)
+        return (ok(f"Imported {session['name']!r} as `{sid}`; it is now the current session."),
+                sid, header_text(ctx.store, sid), *lists(sid))  # fmt: skip
+
+    @guarded(outputs=len(ctx.forms) + 1)
+    def use_settings(sid: str | None) -> tuple:
+        if not sid:
+            return (error("Pick a session first."),) + (gr.skip(),) * len(ctx.forms)
+        session = ctx.store.get_session(sid)
+        return (ok(f"The forms now hold the settings of {session['name']!r}."),
+                *forms.form_updates(session["config"], ctx.forms))  # fmt: skip
+
+    @guarded(outputs=3)
+    def compare(a: str | None, b: str | None) -> tuple:
+        if not a or not b:
+            return error("Pick two sessions."), gr.skip(), gr.skip()
+        data = ctx.store.compare(a, b)
+        names = {a: f"A: {data['a']['name']}", b: f"B: {data['b']['name']}"}
+        runs = {names[a]: ctx.store.metrics(a), names[b]: ctx.store.metrics(b)}
+        rows = [
+            [i["name"], i["label"] or "", i["a"]["before"] or "", i["a"]["after"] or "",
+             i["b"]["before"] or "", i["b"]["after"] or ""]
+            for i in data["images"]
+        ]  # fmt: skip
+        summary = compare_summary(data)
+        if not rows:
+            summary += "\n\nThe two sessions share no images."
+        return summary, charts.curves_figure(runs, height=420), rows
+
+    session_outs = [ctx.session, ctx.header]
+    refresh_btn.click(refresh, ctx.session, list_outs, api_name="sessions_refresh")
+    opened = open_btn.click(open_, pick, [status, *session_outs], api_name="open_session")
+    deleted = delete_btn.click(
+        delete,
+        [pick, ctx.session],
+        [status, *session_outs, *list_outs],
+        api_name="delete_session",
+        js="(sid, cur) => confirm('Delete this session, its answers and adapters?') ? "
+        "[sid, cur] : [null, cur]",
+    )
+    export_btn.click(export, pick, [status, export_file], api_name="export_session")
+    imported = import_file.upload(import_, import_file, [status, *session_outs, *list_outs],
+                                  api_name="import_session")  # fmt: skip
+    settings_btn.click(use_settings, pick, [status, *ctx.forms.values()],
+                       api_name="use_settings")  # fmt: skip
+    compare_btn.click(compare, [a_pick, b_pick], [compare_md, compare_plot, compare_table],
+                      api_name="compare")  # fmt: skip
+    ctx.session_events += [opened, deleted, imported]
+    ctx.on_session_change(refresh, [ctx.session], list_outs)
+    return {"on_select": (refresh, [ctx.session], list_outs)}

@@ -1,0 +1,105 @@
+"""Assemble the workbench: one tab per module, shared states, page-load re-attachment.
+
+`create_app(store)` returns the `gr.Blocks`; `launch_options(store)` the keyword arguments
+its `launch()` needs (theme, css and allowed paths: Gradio 6 takes them in `launch`).
+The worker is not created here: `app.py` starts it next to the UI, tests start their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sessions.store import Store
+
+from . import (
+    adapt_tab,
+    ask_tab,
+    draft,
+    images_tab,
+    inspect_tab,
+    model_tab,
+    sessions_tab,
+    task_tab,
+)
+from .state import Context, header_text, pick_session
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "demo" / "digits"
+
+CSS = """
+.ttrv-bar { background: #e5e7eb; border-radius: 6px; height: 12px; overflow: hidden;
+            margin: 4px 0 6px; }
+.ttrv-bar > div { background: #2563eb; height: 100%; transition: width .4s; }
+.ttrv-status { padding: 1px 8px; border-radius: 10px; background: #e5e7eb; }
+.ttrv-running, .ttrv-queued { background: #dbeafe; }
+.ttrv-stopping { background: #fef3c7; }
+.ttrv-done { background: #dcfce7; }
+.ttrv-failed, .ttrv-interrupted { background: #fee2e2; }
+#current-session { padding: 4px 0; }
+.ttrv-ok { color: #16a34a; font-weight: bold; }
+.ttrv-err { color: #dc2626; font-weight: bold; }
+.ttrv-info { color: #2563eb; font-weight: bold; }
+"""
+
+TABS = (
+    ("Model", model_tab),
+    ("Images", images_tab),
+    ("Task", task_tab),
+    ("Adapt", adapt_tab),
+    ("Inspect", inspect_tab),
+    ("Sessions", sessions_tab),
+    ("Ask", ask_tab),
+)
+
+
+def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
+    with gr.Blocks(title="TTRV workbench") as demo:
+        with gr.Row():
+            gr.Markdown(
+                "## TTRV workbench\nAdapt a vision-language model to your unlabeled images: "
+                "it samples several answers per image and rewards agreement (test-time RL "
+                "with LoRA).",
+            )
+        header = gr.Markdown(elem_id="current-session")
+        ctx = Context(
+            store=store,
+            demo_dir=Path(demo_dir),
+            session=gr.State(None),
+            draft=gr.State([]),
+            header=header,
+        )
+        with gr.Tabs():
+            for title, module in TABS:
+                with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
+                    built = module.build(ctx) or {}
+                if "on_select" in built:
+                    fn, inputs, outputs = built["on_select"]
+                    event = tab.select(fn, inputs, outputs, api_visibility="private")
+                    if "then" in built:
+                        event.then(*built["then"], api_visibility="private")
+
+        def attach() -> tuple[str | None, str]:
+            sid = pick_session(store)
+            return sid, header_text(store, sid)
+
+        loaded = demo.load(attach, None, [ctx.session, header], api_name="attach")
+        for event in [loaded, *ctx.session_events]:
+            for fn, inputs, outputs, then in ctx.refreshers:
+                follow = event.then(fn, inputs, outputs, api_visibility="private")
+                if then:
+                    follow.then(*then, api_visibility="private")
+        for fn, inputs, outputs in ctx.loaders:
+            demo.load(fn, inputs, outputs, api_visibility="private")
+    return demo
+
+
+def launch_options(store: Store, demo_dir: str | Path = DEMO_DIR) -> dict[str, Any]:
+    """theme, css and the folders whose files the UI may show (data dir, demo, scratch)."""
+    return {
+        "theme": gr.themes.Soft(primary_hue="blue"),
+        "css": CSS,
+        "allowed_paths": [str(store.data_dir), str(Path(demo_dir)), str(draft.scratch_dir())],
+    }
