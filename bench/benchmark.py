@@ -1,0 +1,949 @@
+"""The TTRV benchmark on the bundled digits models: the paper's protocol, paired over seeds.
+
+    python -m bench.benchmark --quick            # < 3 min: 2 seeds, 3 variants
+    python -m bench.benchmark                    # full table (5 seeds, every variant)
+    python -m bench.benchmark --images 200       # adapt on 200 unlabeled images
+    python -m bench.benchmark --stress           # pushed settings, with and without guard
+    python -m bench.benchmark --tune             # hyperparameters on the val split only
+
+Protocol (per model, variant and seed): pick K random images of the held-out test split
+(797; multiple-choice options drawn with the seed), hide their labels, adapt a fresh LoRA
+on them through the engine (`ttrv.adapt.adapt`: real `generate` rollouts, GRPO, rounds),
+then evaluate on the whole test split with `bench.fastpath` (exact for one-token answers):
+greedy accuracy, expected sampled accuracy at the rollout temperature, maj@N, answer
+entropy, invalid rates, per-answer accuracy and answer marginals (`ttrv.metrics`), on all
+797 images and separately on the 797 - K images not used for adaptation. Each number is
+paired with the same seed's unadapted baseline (same options): delta per seed, then
+mean +- std over seeds.
+
+The guard is *replayed*: every run trains with the guard off and records, at each round's
+end, the greedy answers on the adaptation images and the adapter weights. The engine's own
+guard functions (`ttrv.adapt.greedy_signals`, `ttrv.guard.check`, `ttrv.guard.score`) then
+decide, exactly as `adapt` does, where a guarded run would have stopped and which weights
+it would have rolled back to (training up to a trip is identical with and without guard:
+rollouts are seeded per step). So every run reports both outcomes, and any number of guard
+settings can be compared on the same runs. tests/test_benchmark.py checks the replay
+against a real guarded `adapt`.
+
+Hyperparameters come from `--tune` (val split: adapt on 20 of its 100 images, score on
+all 100); test labels are used for reporting only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODELS = {
+    "base": ROOT / "models" / "ttrv-digits-llava",
+    "offformat": ROOT / "models" / "ttrv-digits-llava-offformat",
+}
+OFF = {"guard": {"guard": False}}
+
+# Each variant: AdaptConfig overrides on top of the defaults (with the multiple-choice task).
+# `guard` in the overrides decides which outcome (guarded / unguarded) is the headline one;
+# both are always reported.
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    # The reference code's reward: p(a) - 0.75 * H / log M, INVALID an ordinary answer,
+    # per-image normalisation (the entropy term cancels); no guard (the reference has none).
+    "ttrv_paper": {"reward": {"reward": "ttrv_paper"}, **OFF},
+    "default": {},  # AdaptConfig() defaults, guard on
+    "frequency": {"reward": {"reward": "frequency"}, **OFF},
+    "majority": {"reward": {"reward": "majority"}, **OFF},
+    "entropy": {"reward": {"reward": "entropy"}, **OFF},
+    "random": {"reward": {"reward": "random"}, **OFF},
+    # What the numbers support (see docs/benchmark.md); set after --tune.
+    "proposed": {"task": {"option_orders": 4}},
+}
+MAIN_VARIANTS = list(VARIANTS)
+QUICK_VARIANTS = ["none", "ttrv_paper", "default", "proposed"]
+
+# --stress: pushed settings (each on top of the variant's own config).
+STRESS_SETTINGS: dict[str, dict[str, Any]] = {
+    "lr1e-3": {"optim": {"learning_rate": 1e-3}},
+    "lr3e-3": {"optim": {"learning_rate": 3e-3}},
+    "lr1e-3-8rounds": {"optim": {"learning_rate": 1e-3, "rounds": 8}},
+    "lr1e-3-200img": {"optim": {"learning_rate": 1e-3}, "images": 200},
+}
+STRESS_VARIANTS = [
+    "none",
+    "ttrv_paper",
+    "default",
+    "frequency",
+    "majority",
+    "entropy",
+    "random",
+    "proposed",
+]
+
+# --tune: the val-split grid (applied to "default"; rounds and N on the best of the rest).
+TUNE_GRID: dict[str, dict[str, Any]] = {
+    f"{reward}-o{orders}-lr{lr:g}": {
+        "reward": {"reward": reward},
+        "task": {"option_orders": orders},
+        "optim": {"learning_rate": lr},
+    }
+    for reward in ("ttrv", "frequency")
+    for orders in (1, 4)
+    for lr in (2e-4, 5e-4, 1e-3)
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    model: str  # key of MODELS (or of --model overrides)
+    variant: str
+    seed: int
+    images: int  # K: unlabeled images adapted on
+    split: str = "test"
+    setting: str = "main"  # "main", a STRESS_SETTINGS key or a TUNE_GRID key
+    overrides: dict[str, Any] = field(default_factory=dict)  # on top of the variant's
+    guards: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra guards to replay
+    trajectory: bool = False  # evaluate after every round (tune / stress)
+
+    @property
+    def key(self) -> tuple[str, str, str, int, int, str]:
+        return (self.model, self.setting, self.variant, self.images, self.seed, self.split)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def job_config(job: Job, model_path: str, rollout: dict[str, Any] | None = None) -> Any:
+    """The AdaptConfig a job runs: defaults + MC task + variant + job overrides."""
+    from ttrv.config import AdaptConfig
+    from ttrv.digits import MC_QUESTION
+
+    data: dict[str, Any] = {
+        "model": {"model": model_path},
+        "task": {"kind": "multiple_choice", "question": MC_QUESTION},
+        "optim": {"seed": job.seed},
+        "rollout": dict(rollout or {}),
+    }
+    data = deep_merge(data, VARIANTS[job.variant] or {})
+    data = deep_merge(data, {k: v for k, v in job.overrides.items() if k != "images"})
+    return AdaptConfig.from_dict(data)
+
+
+def adapt_positions(n_items: int, k: int, seed: int, split: str) -> list[int]:
+    """Which K images of the split a seed adapts on (label-free: positions only)."""
+    return sorted(random.Random(f"ttrv-bench:{split}:{seed}").sample(range(n_items), k))
+
+
+# ---------------------------------------------------------------------------------------
+# The worker: models, evaluators and runs, cached per process
+# ---------------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(
+        self,
+        models: dict[str, str],
+        limits: dict[str, int | None],
+        rollout: dict[str, Any] | None = None,
+    ) -> None:
+        self.models = models
+        self.limits = limits
+        self.rollout = rollout or {}
+        self._loaded: dict[str, Any] = {}
+        self._items: dict[tuple[str, int], list[Any]] = {}
+        self._evaluators: dict[tuple[str, str, int], Any] = {}
+        self._baselines: dict[tuple[str, str, int], Any] = {}
+
+    def loaded(self, model: str) -> Any:
+        if model not in self._loaded:
+            from ttrv.config import ModelConfig
+            from ttrv.loading import load_model
+
+            self._loaded[model] = load_model(ModelConfig(model=self.models[model], device="cpu"))
+        return self._loaded[model]
+
+    def items(self, split: str, seed: int) -> list[Any]:
+        if (split, seed) not in self._items:
+            from ttrv.digits import digit_items
+
+            self._items[(split, seed)] = digit_items(
+                split, "multiple_choice", seed=seed, limit=self.limits.get(split)
+            )
+        return self._items[(split, seed)]
+
+    def evaluator(self, model: str, split: str, seed: int, cfg: Any) -> Any:
+        """The fast evaluator of a split's items; shared by models with the same tokenizer,
+        special tokens and chat template (the bundled pair), since it only encodes prompts."""
+        from ttrv.adapt import make_policy
+
+        policy = make_policy(self.loaded(model), cache_images=False)
+        tok = policy.tokenizer
+        key = (
+            split,
+            seed,
+            hash(
+                (
+                    tuple(sorted(tok.get_vocab().items())),
+                    tuple(policy.eos),
+                    tuple(policy.suppress),
+                    str(tok.chat_template),
+                )
+            ),
+        )
+        if key not in self._evaluators:
+            from bench.fastpath import FirstTokenEvaluator
+
+            self._evaluators[key] = FirstTokenEvaluator(
+                policy, self.items(split, seed), cfg.task, cfg.rollout
+            )
+        return self._evaluators[key]
+
+    def baseline(self, job: Job, cfg: Any) -> Any:
+        key = (job.model, job.split, job.seed)
+        if key not in self._baselines:
+            ev = self.evaluator(job.model, job.split, job.seed, cfg)
+            self._baselines[key] = ev.evaluate(self.loaded(job.model).model)
+        return self._baselines[key]
+
+    def run(self, job: Job) -> dict[str, Any]:
+        import torch
+
+        from ttrv.adapt import adapt
+        from ttrv.lora import adapter_state, attach_lora, load_adapter_state
+
+        t0 = time.perf_counter()
+        base_loaded = self.loaded(job.model)
+        cfg = job_config(job, self.models[job.model], self.rollout)
+        items = self.items(job.split, job.seed)
+        k = int(job.overrides.get("images", job.images))
+        n_votes = cfg.rollout.n_rollouts
+        record: dict[str, Any] = {
+            "model": job.model,
+            "variant": job.variant,
+            "seed": job.seed,
+            "images": k,
+            "split": job.split,
+            "setting": job.setting,
+            "config": cfg.to_dict(),
+        }
+        base_eval = self.baseline(job, cfg)
+        if VARIANTS[job.variant] is None:
+            record["baseline"] = summarize(base_eval, items, cfg.task, set(), n_votes, full=True)
+            record["seconds"] = time.perf_counter() - t0
+            return record
+
+        # Adapt with the guard off, recording each round (answers + weights) for the replay.
+        positions = adapt_positions(len(items), k, job.seed, job.split)
+        unlabeled = [replace(items[p], label=None) for p in positions]
+        model = attach_lora(copy.deepcopy(base_loaded.model), cfg.lora, seed=job.seed)
+        recorder = RoundRecorder(model)
+        run_cfg = replace(cfg, guard=replace(cfg.guard, guard=False))
+        torch.manual_seed(job.seed)
+        t1 = time.perf_counter()
+        result = adapt(replace(base_loaded, model=model), unlabeled, run_cfg, sink=recorder)
+        record.update(
+            seconds_adapt=time.perf_counter() - t1,
+            steps=result.steps,
+            status=result.status,
+            reason=result.reason,
+            adapted_positions=positions,
+            train=recorder.step_summary(),
+            before=[a["answer"] for a in recorder.before],
+            rounds=[
+                {
+                    "round": i + 1,
+                    "answers": [a["answer"] for a in r["answers"]],
+                    "signals": s["signals"],
+                }
+                for i, (r, s) in enumerate(
+                    zip(
+                        recorder.rounds,
+                        recorder.rounds_with_signals(cfg.task, unlabeled),
+                        strict=True,
+                    )
+                )
+            ],
+        )
+
+        # Evaluate the final weights (guard off) and wherever each replayed guard ends.
+        t2 = time.perf_counter()
+        ev = self.evaluator(job.model, job.split, job.seed, cfg)
+        adapted = set(positions)
+        n_rounds = len(recorder.rounds)
+        evals: dict[int, Any] = {0: base_eval, n_rounds: ev.evaluate(model)}
+        final_weights = adapter_state(model)
+
+        def at_round(r: int, full: bool) -> dict[str, Any]:
+            if r not in evals:
+                load_adapter_state(model, recorder.rounds[r - 1]["weights"])
+                evals[r] = ev.evaluate(model)
+            return summarize(evals[r], items, cfg.task, adapted, n_votes, full=full)
+
+        record["unguarded"] = {"round": n_rounds, "metrics": at_round(n_rounds, True)}
+        for name, g in {"guarded": _asdict(cfg.guard), **job.guards}.items():
+            rep = replay_guard(cfg.task, unlabeled, recorder.before, recorder.rounds, g)
+            verdicts = rep.pop("verdicts")
+            record[name if name == "guarded" else f"guarded_{name}"] = {
+                **rep,
+                "verdicts": verdicts,
+                "metrics": at_round(rep["round"], name == "guarded"),
+            }
+        if job.trajectory:
+            record["trajectory"] = {str(r): at_round(r, False) for r in range(n_rounds + 1)}
+        load_adapter_state(model, final_weights)
+        record["seconds_eval"] = time.perf_counter() - t2
+        record["seconds"] = time.perf_counter() - t0
+        return record
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+class RoundRecorder:
+    """A sink keeping what the guard replay needs: greedy answers before and after each
+    round and the adapter weights at each round's end; plus per-step training stats."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.before: list[dict[str, str]] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        from ttrv.lora import adapter_state
+
+        if kind == "answers" and data["phase"] == "before":
+            self.before = data["answers"]
+        elif kind == "answers" and data["phase"].startswith("round-"):
+            self.rounds.append({"answers": data["answers"], "weights": adapter_state(self.model)})
+        elif kind == "step":
+            self.steps.append(data)
+
+    def rounds_with_signals(self, task: Any, items: list[Any]) -> list[dict[str, Any]]:
+        from ttrv.adapt import greedy_signals
+
+        return [
+            {"signals": greedy_signals(task, items, r["answers"]).to_dict()} for r in self.rounds
+        ]
+
+    def step_summary(self) -> dict[str, Any]:
+        if not self.steps:
+            return {}
+        first, last = self.steps[0], self.steps[-1]
+        keys = ("consensus", "entropy", "invalid_rate", "reward_mean")
+        return {
+            "first": {k: first[k] for k in keys},
+            "last": {k: last[k] for k in keys},
+            "seconds_per_step": statistics.fmean(s["seconds"] for s in self.steps),
+            "groups_skipped": sum(s["groups_skipped"] for s in self.steps),
+            "groups": sum(s["groups"] for s in self.steps),
+        }
+
+
+def replay_guard(
+    task: Any,
+    items: list[Any],
+    before: list[dict[str, str]],
+    rounds: list[dict[str, Any]],
+    guard: dict[str, Any],
+) -> dict[str, Any]:
+    """Where `adapt` with this guard would have ended, from a guard-off run's rounds.
+
+    Mirrors `ttrv.adapt.adapt`: after round k, `check` the greedy signals of the adapted
+    images against those before; on a trip, roll back to the best round so far by
+    `score` (round 0 = the fresh adapter) and stop; otherwise go on. Returns the round whose
+    weights the guarded run ends with.
+    """
+    from ttrv.adapt import greedy_signals
+    from ttrv.config import GuardConfig
+    from ttrv.guard import check, score
+
+    cfg = GuardConfig(**{**guard, "guard": True})  # replayed for every variant
+
+    def answers(xs: list[Any]) -> list[dict[str, str]]:  # dicts from the sink, or strings
+        return [x if isinstance(x, dict) else {"answer": x} for x in xs]
+
+    base = greedy_signals(task, items, answers(before))
+    best_round, best_score = 0, score(base, base)
+    verdicts: list[str] = []
+    for k, r in enumerate(rounds, start=1):
+        now = greedy_signals(task, items, answers(r["answers"]))
+        verdict = check(base, now, cfg)
+        verdicts.append(verdict.reason)
+        if verdict.tripped:
+            return {
+                "round": best_round,
+                "status": "guard_stopped",
+                "reason": verdict.reason,
+                "tripped_at": k,
+                "verdicts": verdicts,
+            }
+        s = score(base, now)
+        if s >= best_score:
+            best_round, best_score = k, s
+    return {
+        "round": len(rounds),
+        "status": "done",
+        "reason": "",
+        "tripped_at": None,
+        "verdicts": verdicts,
+    }
+
+
+def replay_record(record: dict[str, Any], guard: dict[str, Any]) -> dict[str, Any]:
+    """Replay another guard setting on a stored run (needs its `trajectory`): the round it
+    would end on and that round's metrics. Lets guard thresholds be chosen offline."""
+    from ttrv.config import TaskConfig
+    from ttrv.digits import digit_items
+
+    task = TaskConfig(**record["config"]["task"])
+    items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
+    adapted = [items[p] for p in record["adapted_positions"]]
+    rep = replay_guard(task, adapted, record["before"], record["rounds"], guard)
+    return {**rep, "metrics": record["trajectory"][str(rep["round"])]}
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics of one evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def summarize(
+    ev: Any, items: list[Any], task: Any, adapted: set[int], n_votes: int, full: bool
+) -> dict[str, Any]:
+    """Scalar metrics on all / held-out / adapted images; with `full`, per-answer accuracy
+    and marginals on all images."""
+    from ttrv import metrics as M
+    from ttrv.answers import INVALID, canonical_label
+    from ttrv.tasks import LETTERS
+
+    labels = [canonical_label(it.label, task) for it in items]
+    majority = M.majority_vote_probs(ev.dists, labels, n_votes)
+
+    def scalars(idx: list[int]) -> dict[str, float]:
+        if not idx:
+            return {}
+        g = [ev.greedy[i] for i in idx]
+        y = [labels[i] for i in idx]
+        d = [ev.dists[i] for i in idx]
+        return {
+            "n": len(idx),
+            "greedy_acc": M.greedy_accuracy(g, y),
+            "expected_acc": M.expected_accuracy(d, y),
+            "maj_acc": float(sum(majority[i] for i in idx) / len(idx)),
+            "entropy": M.mean_entropy(d),
+            "invalid_greedy": M.invalid_rate(g),
+            "invalid_sampled": M.invalid_mass(d),
+        }
+
+    everything = list(range(len(items)))
+    out: dict[str, Any] = {
+        "all": scalars(everything),
+        "heldout": scalars([i for i in everything if i not in adapted]),
+        "adapted": scalars(sorted(adapted)),
+        "leak": ev.leak,
+        "fallback": ev.fallback,
+    }
+    letters = [LETTERS[p] if p is not None else INVALID for p in ev.positions]
+    gold_letters = [
+        LETTERS[[canonical_label(o, task) for o in it.options].index(y)]
+        for it, y in zip(items, labels, strict=True)
+    ]
+    valid = [a for a in ev.greedy if a != INVALID]
+    out["shape"] = {
+        "top_answer_share": max(M.marginal(valid).values(), default=0.0) * len(valid) / len(items),
+        "top_letter_share": max(
+            (v for k, v in M.marginal(letters).items() if k != INVALID), default=0.0
+        ),
+        "min_letter_share": min(M.marginal(letters).get(L, 0.0) for L in LETTERS[:4]),
+    }
+    if full:
+        out["per_letter"] = M.per_answer_accuracy(letters, gold_letters)
+        out["per_digit"] = M.per_answer_accuracy(ev.greedy, labels)
+        out["marginal_letters"] = M.marginal(letters)
+        out["marginal_answers"] = M.marginal(ev.greedy)
+        out["sampled_marginal"] = {k: round(v, 4) for k, v in M.mean_distribution(ev.dists).items()}
+    return out
+
+
+def collapse_flags(metrics: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """Label-free collapse tests on the test outputs: one answer or one option letter for
+    most images, or invalid output taking over (relative to the baseline)."""
+    flags = []
+    shape, all_ = metrics["shape"], metrics["all"]
+    if shape["top_answer_share"] >= 0.5:
+        flags.append(f"one answer for {shape['top_answer_share']:.0%} of images")
+    if shape["top_letter_share"] >= 0.6:
+        flags.append(f"one letter for {shape['top_letter_share']:.0%} of images")
+    rise = all_["invalid_greedy"] - base["all"]["invalid_greedy"]
+    if all_["invalid_greedy"] >= 0.5 and rise >= 0.1:
+        flags.append(
+            f"invalid output {base['all']['invalid_greedy']:.0%} -> {all_['invalid_greedy']:.0%}"
+        )
+    return flags
+
+
+# ---------------------------------------------------------------------------------------
+# Running many jobs
+# ---------------------------------------------------------------------------------------
+
+_WORKER: Worker | None = None
+
+
+def _init_worker(
+    models: dict[str, str],
+    limits: dict[str, int | None],
+    rollout: dict[str, Any] | None,
+    threads: int,
+) -> None:
+    global _WORKER
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    _WORKER = Worker(models, limits, rollout)
+
+
+def _run_job(job: Job) -> dict[str, Any]:
+    assert _WORKER is not None
+    return _WORKER.run(job)
+
+
+def run_jobs(
+    jobs: list[Job],
+    models: dict[str, str],
+    limits: dict[str, int | None],
+    rollout: dict[str, Any] | None,
+    workers: int,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Run every job (baselines first), in-process or on up to `workers` processes."""
+    jobs = sorted(jobs, key=lambda j: (VARIANTS[j.variant] is not None, j.model, j.seed))
+    out: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def done(rec: dict[str, Any]) -> None:
+        out.append(rec)
+        log(
+            f"[{len(out)}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {rec['model']} "
+            f"{rec['setting']} {rec['variant']} K={rec['images']} seed {rec['seed']}: "
+            f"{_brief(rec)} ({rec['seconds']:.1f}s)"
+        )
+
+    if workers <= 1:
+        _init_worker(models, limits, rollout, 1)
+        for job in jobs:
+            done(_run_job(job))
+        return out
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(models, limits, rollout, 1),
+    ) as pool:
+        for rec in pool.map(_run_job, jobs):
+            done(rec)
+    return out
+
+
+def _brief(rec: dict[str, Any]) -> str:
+    if "baseline" in rec:
+        a = rec["baseline"]["all"]
+        return f"greedy {a['greedy_acc']:.3f} expected {a['expected_acc']:.3f} invalid {a['invalid_greedy']:.2f}"
+    u, g = rec["unguarded"]["metrics"]["all"], rec["guarded"]
+    return (
+        f"greedy {u['greedy_acc']:.3f} (guarded {g['metrics']['all']['greedy_acc']:.3f}, "
+        f"round {g['round']}/{rec['unguarded']['round']}) {rec['status']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation and tables
+# ---------------------------------------------------------------------------------------
+
+SCALARS = ("greedy_acc", "expected_acc", "maj_acc", "entropy", "invalid_greedy")
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    v = list(values)
+    if not v:
+        return math.nan, math.nan, 0
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+
+def outcome(rec: dict[str, Any], guarded: bool | None = None) -> dict[str, Any]:
+    """The metrics a run ends with: headline (the variant's own guard setting), guarded or
+    unguarded."""
+    if "baseline" in rec:
+        return rec["baseline"]
+    if guarded is None:
+        guarded = rec["config"]["guard"]["guard"]
+    return rec["guarded"]["metrics"] if guarded else rec["unguarded"]["metrics"]
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (model, setting, images, variant): paired deltas against the same seed's baseline."""
+    base = {(r["model"], r["split"], r["seed"]): r["baseline"] for r in records if "baseline" in r}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["setting"], r["images"], r["variant"]), []).append(r)
+    table: dict[str, Any] = {}
+    for (model, setting, images, variant), recs in sorted(groups.items()):
+        row: dict[str, Any] = {
+            "model": model,
+            "setting": setting,
+            "images": images,
+            "variant": variant,
+            "seeds": sorted(r["seed"] for r in recs),
+        }
+        modes = (
+            {"headline": None}
+            if "baseline" in recs[0]
+            else {"headline": None, "guarded": True, "unguarded": False}
+        )
+        for mode, g in modes.items():
+            stats: dict[str, Any] = {}
+            for scope in ("all", "heldout"):
+                for m in SCALARS:
+                    vals = [outcome(r, g)[scope][m] for r in recs]
+                    deltas = [
+                        outcome(r, g)[scope][m] - base[(model, r["split"], r["seed"])][scope][m]
+                        for r in recs
+                    ]
+                    stats[f"{scope}.{m}"] = mean_std(vals)
+                    stats[f"{scope}.{m}.delta"] = mean_std(deltas)
+            if "baseline" not in recs[0]:
+                flags = [
+                    collapse_flags(outcome(r, g), base[(model, r["split"], r["seed"])])
+                    for r in recs
+                ]
+                stats["collapsed"] = sum(bool(f) for f in flags)
+                stats["collapse_flags"] = [f for f in flags if f]
+                deltas = stats["all.greedy_acc.delta"]
+                stats["worst_delta"] = min(
+                    outcome(r, g)["all"]["greedy_acc"]
+                    - base[(model, r["split"], r["seed"])]["all"]["greedy_acc"]
+                    for r in recs
+                )
+                del deltas
+            row[mode] = stats
+        if "baseline" not in recs[0]:
+            row["guard_trips"] = sum(r["guarded"]["status"] == "guard_stopped" for r in recs)
+            row["guard_reasons"] = sorted(
+                {r["guarded"]["reason"] for r in recs if r["guarded"]["reason"]}
+            )
+            row["unguarded_collapses_caught"] = sum(
+                bool(collapse_flags(outcome(r, False), base[(model, r["split"], r["seed"])]))
+                and r["guarded"]["status"] == "guard_stopped"
+                for r in recs
+            )
+            row["seconds_adapt"] = statistics.fmean(r["seconds_adapt"] for r in recs)
+            row["leak_max"] = max(outcome(r)["leak"] for r in recs)
+            row["fallback_max"] = max(outcome(r)["fallback"] for r in recs)
+        table["|".join(map(str, (model, setting, images, variant)))] = row
+    return table
+
+
+def paired_vs(
+    records: list[dict[str, Any]],
+    a: str,
+    b: str,
+    model: str,
+    setting: str,
+    images: int,
+    metric: str = "greedy_acc",
+) -> tuple[float, float, int]:
+    """mean +- std over seeds of (variant a - variant b) on all images (headline outcomes)."""
+    by = {
+        (r["variant"], r["seed"]): r
+        for r in records
+        if r["model"] == model and r["setting"] == setting and r["images"] == images
+    }
+    seeds = sorted({s for (v, s) in by if v == a} & {s for (v, s) in by if v == b})
+    return mean_std(
+        outcome(by[(a, s)])["all"][metric] - outcome(by[(b, s)])["all"][metric] for s in seeds
+    )
+
+
+def pts(ms: tuple[float, float, int], signed: bool = True) -> str:
+    m, s, _ = ms
+    if math.isnan(m):
+        return "-"
+    return f"{100 * m:+.1f} ± {100 * s:.1f}" if signed else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str) -> str:
+    lines = [f"Command: `{command}`", ""]
+    keys = sorted({(r["model"], r["setting"], r["images"]) for r in records if "baseline" not in r})
+    for model, setting, images in keys:
+        rows = [
+            row
+            for row in table.values()
+            if row["model"] == model and row["setting"] == setting and row["images"] == images
+        ]
+        base_rows = [
+            row for row in table.values() if row["model"] == model and row["variant"] == "none"
+        ]
+        lines.append(f"### {model}: setting {setting}, adapt on K={images} unlabeled test images")
+        lines.append("")
+        if base_rows:
+            b = base_rows[0]["headline"]
+            lines.append(
+                f"Baseline (no adaptation, {len(base_rows[0]['seeds'])} option draws): greedy "
+                f"{pts(b['all.greedy_acc'], False)}, expected {pts(b['all.expected_acc'], False)}, "
+                f"maj@N {pts(b['all.maj_acc'], False)}, invalid (greedy) "
+                f"{pts(b['all.invalid_greedy'], False)} %."
+            )
+            lines.append("")
+        lines.append(
+            "Deltas in points vs the same seed's baseline, mean ± std over seeds. "
+            "*Headline* = the variant's own guard setting (on for default / proposed, "
+            "off for the others); the guard columns replay the engine's guard."
+        )
+        lines.append("")
+        lines.append(
+            "| variant | seeds | greedy Δ (all 797) | greedy Δ (held-out) | expected Δ | "
+            "maj@N Δ | entropy | invalid | greedy Δ guard off | greedy Δ guard on | "
+            "worst guarded | guard trips | collapses (off / on) |"
+        )
+        lines.append("|" + "---|" * 13)
+        for row in sorted(rows, key=lambda r: MAIN_VARIANTS.index(r["variant"])):
+            if row["variant"] == "none":
+                continue
+            h, gd, ug = row["headline"], row["guarded"], row["unguarded"]
+            lines.append(
+                f"| {row['variant']} | {len(row['seeds'])} | {pts(h['all.greedy_acc.delta'])} | "
+                f"{pts(h['heldout.greedy_acc.delta'])} | {pts(h['all.expected_acc.delta'])} | "
+                f"{pts(h['all.maj_acc.delta'])} | {h['all.entropy'][0]:.2f} | "
+                f"{100 * h['all.invalid_greedy'][0]:.1f}% | {pts(ug['all.greedy_acc.delta'])} | "
+                f"{pts(gd['all.greedy_acc.delta'])} | {100 * gd['worst_delta']:+.1f} | "
+                f"{row['guard_trips']}/{len(row['seeds'])} | {ug['collapsed']} / {gd['collapsed']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def letters_table(records: list[dict[str, Any]], model: str, setting: str, images: int) -> str:
+    """Per gold letter: greedy accuracy and how often each letter is given, mean over seeds."""
+    from ttrv.tasks import LETTERS
+
+    out = [
+        "| variant | " + " | ".join(f"acc when {L} / share {L}" for L in LETTERS[:4]) + " |",
+        "|---|" + "---|" * 4,
+    ]
+    for variant in MAIN_VARIANTS:
+        recs = [
+            r
+            for r in records
+            if r["model"] == model
+            and r["variant"] == variant
+            and (variant == "none" or (r["setting"] == setting and r["images"] == images))
+        ]
+        if not recs:
+            continue
+        cells = []
+        for L in LETTERS[:4]:
+            acc = statistics.fmean(
+                outcome(r)["per_letter"].get(L, {}).get("accuracy", 0.0) for r in recs
+            )
+            share = statistics.fmean(outcome(r)["marginal_letters"].get(L, 0.0) for r in recs)
+            cells.append(f"{100 * acc:.0f}% / {100 * share:.0f}%")
+        out.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
+    seeds = list(range(args.seeds))
+    jobs: list[Job] = []
+    if args.tune:
+        for m in models:
+            for s in seeds:
+                jobs.append(Job(m, "none", s, args.images, split="val", setting="tune"))
+                for name, over in TUNE_GRID.items():
+                    jobs.append(
+                        Job(
+                            m,
+                            "default",
+                            s,
+                            args.images,
+                            split="val",
+                            setting=name,
+                            overrides=over,
+                            trajectory=True,
+                        )
+                    )
+        return jobs
+    variants = args.variants or (QUICK_VARIANTS if args.quick else MAIN_VARIANTS)
+    settings: dict[str, dict[str, Any]] = {"main": {}}
+    if args.stress:
+        settings = dict(STRESS_SETTINGS)
+        variants = args.variants or STRESS_VARIANTS
+    for m in models:
+        for s in seeds:
+            for v in variants:
+                if VARIANTS[v] is None:
+                    jobs.append(Job(m, v, s, args.images))
+                    continue
+                for name, over in settings.items():
+                    jobs.append(
+                        Job(
+                            m,
+                            v,
+                            s,
+                            args.images,
+                            setting=name,
+                            overrides=over,
+                            trajectory=args.stress,
+                        )
+                    )
+    return jobs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 4 variants (< 3 min)")
+    ap.add_argument(
+        "--dry",
+        action="store_true",
+        help="plumbing only: 1 seed, 16 test images, N=4 (use with --model)",
+    )
+    ap.add_argument("--stress", action="store_true", help="the stress grid (STRESS_SETTINGS)")
+    ap.add_argument("--tune", action="store_true", help="the val-split grid (TUNE_GRID)")
+    ap.add_argument("--images", type=int, default=20, help="K unlabeled images to adapt on")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 5; quick 2)")
+    ap.add_argument("--models", default="base,offformat", help="comma-separated model keys")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=PATH",
+        help="use another model folder for a key (e.g. a tiny test model)",
+    )
+    ap.add_argument("--variants", default=None, help="comma-separated subset of variants")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
+    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: by mode)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    if args.variants:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = set(args.variants) - set(VARIANTS)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if args.seeds is None:
+        args.seeds = 1 if args.dry else 2 if args.quick else 3 if args.stress or args.tune else 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models = {k: str(v) for k, v in MODELS.items()}
+    for spec in args.model:
+        key, _, path = spec.partition("=")
+        models[key] = path
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    missing = [m for m in chosen if not Path(models.get(m, "")).is_dir()]
+    if missing:
+        print(
+            f"Model folders missing for {missing}: build them with "
+            "`python scripts/make_demo_model.py` or pass --model KEY=PATH.",
+            file=sys.stderr,
+        )
+        return 2
+    limits: dict[str, int | None] = {"test": None, "val": None}
+    rollout: dict[str, Any] = {}
+    if args.dry:
+        limits = {"test": 16, "val": 16}
+        args.images = min(args.images, 4)
+        rollout = {"n_rollouts": 4, "n_train": 4, "max_new_tokens": 2}
+        if not args.variants:
+            args.variants = ["none", "default", "ttrv_paper"]
+    jobs = build_jobs(args, chosen)
+    command = " ".join(["python -m bench.benchmark", *(sys.argv[1:] if argv is None else argv)])
+    t0 = time.perf_counter()
+    records = run_jobs(jobs, models, limits, rollout, args.workers)
+    elapsed = time.perf_counter() - t0
+    table = aggregate(records)
+    md = markdown(records, table, command.strip())
+    for m in chosen:
+        settings = sorted(
+            {
+                (r["setting"], r["images"])
+                for r in records
+                if r["model"] == m and "baseline" not in r
+            }
+        )
+        for setting, images in settings[:1]:
+            md += f"\n\n#### {m}: greedy accuracy by gold option letter ({setting}, K={images})\n\n"
+            md += letters_table(records, m, setting, images)
+    md += f"\n\nWall time {elapsed / 60:.1f} min ({args.workers} worker processes).\n"
+    print(md)
+    if not args.no_write:
+        name = args.out or (
+            "dry"
+            if args.dry
+            else "quick"
+            if args.quick
+            else "stress"
+            if args.stress
+            else "tune"
+            if args.tune
+            else f"main-k{args.images}"
+        )
+        path = Path(name) if os.sep in name else RESULTS / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"command": command.strip(), "seconds": elapsed, "table": table, "runs": records}
+        path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1))
+        path.with_suffix(".md").write_text(md)
+        print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, 5)
+    return obj
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

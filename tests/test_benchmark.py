@@ -1,0 +1,255 @@
+"""The benchmark's measuring instruments: metrics by hand, the fast path against `generate`,
+the guard replay against a real guarded run, and a dry end-to-end run."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttrv import metrics as M
+from ttrv.answers import INVALID
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "models" / "ttrv-digits-llava"
+OFFFORMAT = ROOT / "models" / "ttrv-digits-llava-offformat"
+needs_models = pytest.mark.skipif(
+    not (BASE.is_dir() and OFFFORMAT.is_dir()),
+    reason="bundled models not built (python scripts/make_demo_model.py)",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics, hand-computed
+# ---------------------------------------------------------------------------------------
+
+
+def test_expected_and_greedy_accuracy_by_hand():
+    dists = [{"7": 0.6, "1": 0.4}, {INVALID: 0.5, "3": 0.5}, {"2": 1.0}]
+    labels = ["7", "3", "9"]
+    assert M.expected_accuracy(dists, labels) == pytest.approx((0.6 + 0.5 + 0.0) / 3)
+    assert M.greedy_accuracy(["7", INVALID, "2"], labels) == pytest.approx(1 / 3)
+    assert M.invalid_mass(dists) == pytest.approx(0.5 / 3)
+    assert M.entropy({"7": 0.5, "1": 0.5}) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize(
+    ("dist", "n", "expected"),
+    [
+        ({"7": 0.6, "1": 0.4}, 3, 3 * 0.6**2 * 0.4 + 0.6**3),  # 7 needs 2 or 3 of 3 votes
+        ({"7": 0.5, INVALID: 0.5}, 2, 0.75),  # any valid 7 wins; invalid never does
+        ({"7": 0.5, "1": 0.5}, 2, 0.25 + 0.5 * 0.5),  # a 1-1 tie earns half
+        ({"7": 0.2, "1": 0.3, INVALID: 0.5}, 1, 0.2),  # one vote: p(label)
+        ({INVALID: 1.0}, 4, 0.0),
+    ],
+)
+def test_majority_vote_by_hand(dist, n, expected):
+    """Guards maj@N: invalid never wins, ties are shared, one vote = expected accuracy."""
+    assert M.majority_vote_accuracy([dist], ["7"], n) == pytest.approx(expected)
+
+
+def _brute_majority(dist: dict[str, float], label: str, n: int) -> float:
+    total = 0.0
+    for seq in itertools.product(list(dist), repeat=n):
+        p = math.prod(dist[a] for a in seq)
+        counts = Counter(a for a in seq if a != INVALID)
+        if counts:
+            top = max(counts.values())
+            winners = [a for a, c in counts.items() if c == top]
+            total += p * (label in winners) / len(winners)
+    return total
+
+
+def test_majority_vote_matches_enumeration():
+    """The dynamic programme equals summing over every sequence of votes."""
+    rng = random.Random(0)
+    dists, labels, want = [], [], []
+    for _ in range(6):
+        keys = ["1", "2", "3", INVALID][: rng.randint(2, 4)]
+        w = [rng.random() for _ in keys]
+        dists.append({k: x / sum(w) for k, x in zip(keys, w, strict=True)})
+        labels.append(rng.choice(["1", "2"]))
+    for n in (1, 2, 5):
+        want = [_brute_majority(d, y, n) for d, y in zip(dists, labels, strict=True)]
+        got = M.majority_vote_probs(dists, labels, n)
+        assert got.tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_per_answer_accuracy_and_marginals():
+    """Guards the vanishing-answer view: a gold answer the model never gives scores 0."""
+    answers = ["A", "A", "C", "A", INVALID]
+    gold = ["A", "B", "C", "B", "A"]
+    per = M.per_answer_accuracy(answers, gold)
+    assert per["A"] == {"n": 2, "accuracy": 0.5, "given": 0.6}
+    assert per["B"] == {"n": 2, "accuracy": 0.0, "given": 0.0}
+    assert per["C"] == {"n": 1, "accuracy": 1.0, "given": 0.2}
+    assert M.marginal(answers) == {"A": 0.6, "C": 0.2, INVALID: 0.2}
+    assert M.mean_distribution([{"7": 1.0}, {"7": 0.5, "1": 0.5}]) == {"7": 0.75, "1": 0.25}
+
+
+# ---------------------------------------------------------------------------------------
+# Guard replay
+# ---------------------------------------------------------------------------------------
+
+
+def _answers(xs):
+    return [{"image_id": str(i), "response": a, "answer": a} for i, a in enumerate(xs)]
+
+
+def test_replay_rolls_back_to_best_round_on_trip():
+    """A trip at round 3 ends on the best earlier round by the guard's score."""
+    from bench.benchmark import replay_guard
+    from ttrv.config import TaskConfig
+
+    task = TaskConfig()  # open question: no option positions
+    before = _answers(["1", "2", "3", "4"])
+    rounds = [
+        {"answers": _answers(["1", "2", "3", "3"])},  # diversity down a little: score < 1
+        {"answers": _answers(["1", "2", "3", "4"])},  # back to the base: score 1, best
+        {"answers": _answers(["4", "4", "4", "4"])},  # collapse: trips
+    ]
+    out = replay_guard(task, [None] * 4, before, rounds, {"guard": False})
+    assert (out["round"], out["status"], out["tripped_at"]) == (2, "guard_stopped", 3)
+    assert "single answer" in out["reason"]
+    calm = replay_guard(task, [None] * 4, before, rounds[:2], {})
+    assert (calm["round"], calm["status"]) == (2, "done")
+
+
+# ---------------------------------------------------------------------------------------
+# Fast path against the generate path (bundled models)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from ttrv.config import ModelConfig
+    from ttrv.loading import load_model
+
+    return {
+        k: load_model(ModelConfig(model=str(p), device="cpu"))
+        for k, p in (("base", BASE), ("offformat", OFFFORMAT))
+    }
+
+
+def _mc():
+    from ttrv.config import RolloutConfig, TaskConfig
+    from ttrv.digits import MC_QUESTION
+
+    return TaskConfig(kind="multiple_choice", question=MC_QUESTION), RolloutConfig()
+
+
+@needs_models
+@pytest.mark.parametrize("which", ["base", "offformat"])
+def test_fastpath_greedy_and_sampling_agree_with_generate(bundled, which):
+    """Guards the benchmark's evaluator: its greedy answers are those of `greedy_answers`
+    and its answer distribution matches the frequencies of `rollout_group` samples."""
+    from bench.fastpath import FirstTokenEvaluator
+    from ttrv.adapt import make_policy
+    from ttrv.digits import digit_items
+    from ttrv.rollout import greedy_answers, rollout_group
+
+    task, rollout = _mc()
+    items = digit_items("val", "multiple_choice", seed=3, limit=12)
+    policy = make_policy(bundled[which])
+    ev = FirstTokenEvaluator(policy, items, task, rollout).evaluate()
+    assert ev.greedy == [a["answer"] for a in greedy_answers(policy, items, task, rollout)]
+    assert ev.leak < 0.02
+    n = 96
+    torch.manual_seed(0)
+    sampled = [
+        rollout_group(policy, it, task, replace(rollout, n_rollouts=n, n_train=1), [None])
+        for it in items
+    ]
+    for dist, group in zip(ev.dists, sampled, strict=True):
+        freq = Counter(group.answers)
+        for answer in set(dist) | set(freq):
+            p = dist.get(answer, 0.0)
+            sd = math.sqrt(max(p * (1 - p), 1e-4) / n)
+            assert abs(freq[answer] / n - p) < 4.5 * sd + 1e-9, (answer, p, freq)
+    labels = [it.label for it in items]
+    emp = [{a: c / n for a, c in Counter(g.answers).items()} for g in sampled]
+    assert M.expected_accuracy(ev.dists, labels) == pytest.approx(
+        M.expected_accuracy(emp, labels), abs=0.05
+    )
+
+
+@needs_models
+def test_guard_replay_matches_real_guarded_adapt(bundled):
+    """Guards the replay the benchmark relies on: a guard-off run replayed with the guard
+    ends on the same status and adapter weights as `adapt` with the guard on."""
+    from bench.benchmark import RoundRecorder, replay_guard
+    from ttrv.adapt import adapt
+    from ttrv.config import AdaptConfig, GuardConfig, OptimConfig, RolloutConfig
+    from ttrv.digits import digit_items
+    from ttrv.lora import adapter_state, attach_lora
+
+    task, _ = _mc()
+    items = [
+        replace(it, label=None) for it in digit_items("val", "multiple_choice", seed=1, limit=8)
+    ]
+    guard = GuardConfig(max_marginal_entropy_drop=0.05)  # tight: trips on this run
+    cfg = AdaptConfig(
+        task=task,
+        rollout=RolloutConfig(n_rollouts=4, n_train=4),
+        optim=OptimConfig(learning_rate=0.02, rounds=3, images_per_step=4, seed=0),
+        guard=guard,
+    )
+    runs = {}
+    for on in (True, False):
+        model = attach_lora(copy.deepcopy(bundled["base"].model), cfg.lora, seed=0)
+        init = adapter_state(model)
+        rec = RoundRecorder(model)
+        c = replace(cfg, guard=replace(guard, guard=on))
+        result = adapt(replace(bundled["base"], model=model), items, c, sink=rec)
+        runs[on] = (result, rec, adapter_state(model))
+    real, _, real_weights = runs[True]
+    _, rec, _ = runs[False]
+    replayed = replay_guard(task, items, rec.before, rec.rounds, vars(guard))
+    assert real.status == replayed["status"] == "guard_stopped"
+    assert real.reason == replayed["reason"]
+    r = replayed["round"]
+    want = rec.rounds[r - 1]["weights"] if r else init
+    assert real_weights.keys() == want.keys()
+    assert all(torch.equal(real_weights[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------------------
+# Dry end-to-end run on a tiny model
+# ---------------------------------------------------------------------------------------
+
+
+def test_dry_run_writes_tables(tiny_model_dir, tmp_path):
+    """The CLI runs end to end (baseline, adapted variants, guard replay, JSON + markdown)."""
+    from bench.benchmark import main
+
+    folder = tiny_model_dir("llava")
+    out = tmp_path / "dry"
+    rc = main(
+        [
+            "--dry",
+            "--model",
+            f"base={folder}",
+            "--models",
+            "base",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    variants = {r["variant"] for r in data["runs"]}
+    assert variants == {"none", "default", "ttrv_paper"}
+    run = next(r for r in data["runs"] if r["variant"] == "default")
+    assert run["unguarded"]["metrics"]["all"]["n"] == 16
+    assert run["unguarded"]["metrics"]["heldout"]["n"] == 12
+    assert "| default |" in out.with_suffix(".md").read_text()
