@@ -363,6 +363,25 @@ def test_adapt_progress_stop_refusals_resume_delete(app):
 
 
 @pytest.mark.slow
+def test_load_model_reports_size_and_device(app):
+    """The Load button queues a load_model job; its result reads as numbers, and a model
+    that does not exist fails with the loader's message."""
+    from sessions import jobs
+    from ui.model_tab import job_text
+
+    c = client(app)
+    assert "Queued" in c.predict(model__model=app.model, api_name="/load_model")[0]
+    job = wait_for(lambda: (j := jobs.latest(app.store, "load_model")) and j["finished"] and j,
+                   120, "the load_model job")  # fmt: skip
+    text = job_text(job)
+    assert "parameters" in text and "device **cpu**" in text, text
+    c.predict(model__model="/nonexistent/model", api_name="/load_model")
+    job = wait_for(lambda: (j := jobs.latest(app.store, "load_model")) and j["finished"] and j,
+                   60, "the failing load_model job")  # fmt: skip
+    assert "failed" in job_text(job) and "not found" in job_text(job)
+
+
+@pytest.mark.slow
 def test_prompt_preview_uses_the_models_chat_template(app):
     """The preview shows the exact text (chat template, image token) and the parse."""
     c = client(app)

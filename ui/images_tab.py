@@ -15,7 +15,7 @@ from . import draft as drafts
 from .state import Context, bullet_list, error, guarded, ok
 
 
-def report(new: list[dict[str, Any]], messages: list[str]) -> str:
+def report(messages: list[str]) -> str:
     """The status after adding: what was added, then each skipped thing."""
     head = [m for m in messages if m.startswith("Added ")]
     rest = [m for m in messages if not m.startswith("Added ")]
@@ -34,8 +34,8 @@ def build(ctx: Context) -> dict[str, Any]:
         demo_btn = gr.Button("Load demo images", variant="primary", elem_id="load-demo",
                              scale=0)  # fmt: skip
         gr.Markdown(
-            f"24 handwritten digits from scikit-learn's test split "
-            f"(`{ctx.demo_dir.name}/`, with labels for evaluation)."
+            "Handwritten digits from scikit-learn's test split, with labels for evaluation "
+            f"(`{ctx.demo_dir}`)."
         )
     with gr.Row():
         with gr.Column(scale=2):
@@ -44,6 +44,8 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Column(scale=1):
             folder = gr.File(label="A whole folder", file_count="directory",
                              elem_id="upload-folder")  # fmt: skip
+            gr.Markdown("Browsers send no sub-folder names: for class-folder labels upload "
+                        "a zip, or type the folder's path below.")  # fmt: skip
         with gr.Column(scale=1):
             labels_csv = gr.File(label="Labels CSV (optional)", file_types=[".csv"],
                                  elem_id="labels-csv")  # fmt: skip
@@ -52,7 +54,7 @@ def build(ctx: Context) -> dict[str, Any]:
         local = gr.Textbox(label="Or local files / folders (one per line)", lines=1, scale=3,
                            placeholder="/home/me/photos/test-set")  # fmt: skip
         folder_labels = gr.Checkbox(label="Class sub-folder names are labels", value=False,
-                                    scale=1)  # fmt: skip
+                                    info="zips: always", scale=1)  # fmt: skip
         add_local = gr.Button("Add", scale=0)
     status = gr.Markdown(elem_id="images-status")
     summary = gr.Markdown(drafts.summary([]), elem_id="images-summary")
@@ -71,20 +73,13 @@ def build(ctx: Context) -> dict[str, Any]:
         new, messages = drafts.add_files(
             current or [], paths, labels_csv=csv, folder_labels=by_folder
         )
-        return (new, *views(new), report(new, messages))
+        return (new, *views(new), report(messages))
 
     @guarded(outputs=5, status=4)
     def add_uploads(current: list, paths: list[str] | None, csv: str | None) -> tuple:
         if not paths:
             return (gr.skip(),) * 4 + ("",)
         return add(current, paths, csv, False)
-
-    @guarded(outputs=5, status=4)
-    def add_folder(current: list, paths: list[str] | None, csv: str | None,
-                   by_folder: bool) -> tuple:  # fmt: skip
-        if not paths:
-            return (gr.skip(),) * 4 + ("",)
-        return add(current, paths, csv, by_folder)
 
     @guarded(outputs=5, status=4)
     def add_paths(current: list, text: str, csv: str | None, by_folder: bool) -> tuple:
@@ -122,8 +117,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return evt.index
 
     files.upload(add_uploads, [ctx.draft, files, labels_csv], outputs, api_name="add_files")
-    folder.upload(add_folder, [ctx.draft, folder, labels_csv, folder_labels], outputs,
-                  api_name="add_folder")  # fmt: skip
+    folder.upload(add_uploads, [ctx.draft, folder, labels_csv], outputs, api_name="add_folder")
     add_local.click(add_paths, [ctx.draft, local, labels_csv, folder_labels], outputs,
                     api_name="add_paths")  # fmt: skip
     demo_btn.click(load_demo, [ctx.draft], outputs, api_name="load_demo")

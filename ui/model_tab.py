@@ -87,11 +87,12 @@ def job_text(job: dict[str, Any] | None) -> str:
     if job["status"] == "cancelled":
         return info("The load was cancelled.")
     i = (job.get("result") or {}).get("info") or {}
+    trainable = i.get("trainable_params")
+    lora = f", {_size(trainable)} trainable (LoRA)" if trainable else ""
     return ok(
-        f"Loaded **{short}** — {_size(i.get('total_params'))} parameters, "
-        f"{_size(i.get('trainable_params'))} trainable (LoRA) · device **{i.get('device')}** · "
-        f"{i.get('dtype')} · quantisation {i.get('quantization')} · weights "
-        f"{(i.get('param_bytes') or 0) / 2**20:.1f} MiB"
+        f"Loaded **{short}** — {_size(i.get('total_params'))} parameters{lora} · device "
+        f"**{i.get('device')}** · {i.get('dtype')} · quantisation {i.get('quantization')} · "
+        f"weights {(i.get('param_bytes') or 0) / 2**20:.1f} MiB"
     )
 
 

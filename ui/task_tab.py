@@ -101,9 +101,13 @@ def build(ctx: Context) -> dict[str, Any]:
                                      allow_custom_value=True)  # fmt: skip
         response = gr.Textbox(label="A sample response", value="The answer is 7.",
                               elem_id="preview-response")  # fmt: skip
-        preview_btn = gr.Button("Preview", scale=0)
-    prompt_box = gr.Code(label="Exact prompt the model sees (chat template applied)",
-                         language=None, elem_id="preview-prompt")  # fmt: skip
+        preview_btn = gr.Button("Preview", scale=0, elem_id="preview-btn")
+    prompt_box = gr.Code(
+        label="Exact prompt the model sees (chat template applied)",
+        language=None,
+        wrap_lines=True,
+        elem_id="preview-prompt",
+    )  # fmt: skip
     parsed = gr.Markdown(elem_id="preview-parsed")
 
     kind, question = task_form["task__kind"], task_form["task__question"]
@@ -135,9 +139,19 @@ def build(ctx: Context) -> dict[str, Any]:
         return new, ok("Applied.") + "\n\n" + bullet_list(messages)
 
     preview_inputs = {k: v for k, v in ctx.forms.items() if k.startswith(("task__", "model__"))}
-    preset.input(apply_preset, [preset, question], [kind, question], api_name="task_preset")
-    preview_btn.click(show, [ctx.draft, image_pick, response], [prompt_box, parsed],
-                      inputs_kwargs=preview_inputs, api_name="preview")  # fmt: skip
+    preview_args = ([ctx.draft, image_pick, response], [prompt_box, parsed])
+    preview_btn.click(show, *preview_args, inputs_kwargs=preview_inputs, api_name="preview")
+    # The preview follows the task: after a preset, a new image, or an edited field.
+    preset.input(apply_preset, [preset, question], [kind, question], api_name="task_preset").then(
+        show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private"
+    )
+    for trigger in (
+        image_pick.change,
+        response.submit,
+        kind.input,
+        *(c.blur for k, c in task_form.items() if isinstance(c, gr.Textbox)),
+    ):
+        trigger(show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private")
     ctx.draft.change(image_choices, [ctx.draft, image_pick], image_pick,
                      api_visibility="private")  # fmt: skip
     questions_csv.upload(apply_questions, [ctx.draft, questions_csv], [ctx.draft, csv_status],
