@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from . import charts
+from .draft import GALLERY_LIMIT
 from .state import Context, error, guarded, info
 
 FILTERS = {
@@ -112,13 +113,13 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images (click one)", columns=6, height=300,
                                  allow_preview=False, elem_id="inspect-gallery")  # fmt: skip
-            image_pick = gr.Dropdown(label="Image", choices=[], elem_id="inspect-image",
+            image_pick = gr.Dropdown(label="Or pick by name", choices=[], elem_id="inspect-image",
                                      allow_custom_value=True)  # fmt: skip
         with gr.Column(scale=2):
             distribution = gr.Plot(label="Answers across images", elem_id="inspect-answers")
     with gr.Row():
         with gr.Column(scale=1):
-            picture = gr.Image(label="Image", type="filepath", interactive=False, height=240,
+            picture = gr.Image(label="Selected image", type="filepath", interactive=False, height=240,
                                elem_id="inspect-picture")  # fmt: skip
         with gr.Column(scale=2):
             detail = gr.Markdown(elem_id="inspect-detail")
@@ -143,11 +144,15 @@ def build(ctx: Context) -> dict[str, Any]:
         note = ""
         if filt == "wrong" and not any(r["label"] is not None for r in rows):
             note = "\n\n" + info("No labels in this session, so nothing can be called wrong.")
+        in_gallery = [r for r in shown if images.get(r["image_id"], {}).get("thumb")]
+        in_gallery = in_gallery[:GALLERY_LIMIT]
         gallery_items = [
             (images[r["image_id"]]["thumb"],
              f"{r['name']}: {r['before'] or '—'} → {r['after'] or '—'}")
-            for r in shown if images.get(r["image_id"], {}).get("thumb")
+            for r in in_gallery
         ]  # fmt: skip
+        if len(shown) > len(in_gallery):
+            note += f"\n\nThe gallery shows {len(in_gallery)}; pick any image in the list."
         ids = [r["image_id"] for r in shown]
         value = current if current in ids else (ids[0] if ids else None)
         return (
@@ -156,7 +161,7 @@ def build(ctx: Context) -> dict[str, Any]:
             charts.answers_figure(rows),
             gallery_items,
             gr.Dropdown(choices=[(r["name"], r["image_id"]) for r in shown], value=value),
-            ids,
+            [r["image_id"] for r in in_gallery],
             guard_text(ctx.store.events(sid)),
             value,
         )
