@@ -1,0 +1,554 @@
+"""This engine vs TRL's GRPOTrainer on the same test-time adaptation, seconds per step.
+
+    python -m bench.speed                     # bundled model and the larger config (~8 min)
+    python -m bench.speed --quick             # bundled model only, 3 steps (< 2 min)
+    python -m bench.speed --model large --steps 8 --repeats 2
+    python -m bench.speed --device cuda --dtype bfloat16 --quantization 4bit --model large
+
+Needs `pip install -r requirements-bench.txt` (TRL); `--engine ours` runs without it.
+
+The same work on both sides: the same model folder, images, prompt (the model's chat
+template with the image, the paper's multiple-choice protocol on scikit-learn digits), N,
+max new tokens, temperature, top-p, beta, learning rate (constant, AdamW, no weight decay),
+gradient clip, PPO clip, LoRA (same regex targets, rank, alpha, dropout), steps and images
+per step, with the same TTRV reward (`ttrv.rewards.make_reward`) and the same suppressed
+tokens. Every TRL setting is written out in `bench.trl_compare.grpo_args`. Both sides train
+on all N rollouts (K = N) with per-image ("group") advantage scope: TRL always centres
+rewards per group, so our default batch scope cannot be reproduced there.
+
+Each engine runs in a subprocess of its own (clean peak memory; TRL patches the model's
+forward), one torch thread by default (`--threads`), the engines alternating when
+`--repeats` > 1. Reported per engine: median wall seconds per step after `--warmup` steps
+(median over repeats of each run's median), median process CPU seconds per step (less
+sensitive to other load on a shared machine), peak RSS (`resource.getrusage`) and its rise
+over the RSS after loading, or `torch.cuda.max_memory_allocated` on CUDA.
+
+Models: `bundled` is models/ttrv-digits-llava (a tiny LLaVA built from config when that
+folder does not exist yet); `large` is a LLaVA built here from config (text hidden 512,
+8 layers; ~27 M parameters) with the bundled tokenizer and processor. Randomly initialised
+models answer with random text, every rollout invalid, every advantage zero, and our engine
+would skip every update; so for them both engines sample only the option letters and EOS
+(the same suppress list on both sides), like an uncertain model that answers in format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "bench" / "out"
+MODEL_DIR = OUT_DIR / "models"
+
+# The larger configuration: LLaVA, Llama text model + CLIP vision tower, bundled tokenizer.
+LARGE = {
+    "text_hidden": 512,
+    "text_layers": 8,
+    "text_heads": 8,
+    "text_kv_heads": 4,
+    "text_mlp": 1408,
+    "vision_hidden": 256,
+    "vision_layers": 4,
+    "vision_heads": 4,
+    "vision_mlp": 1024,
+}
+ANSWER_TOKENS = ("A", "B", "C", "D")
+
+
+@dataclass
+class Spec:
+    """One benchmark run: everything both engines are configured from (JSON-able)."""
+
+    model_dir: str
+    label: str
+    restrict_answers: bool = False  # sample only option letters + EOS (untrained models)
+    n: int = 8  # N: rollouts per image, all trained (K = N)
+    max_new_tokens: int = 8
+    images_per_step: int = 4
+    pool: int = 8  # distinct images, cycled through (pool / images_per_step steps a round)
+    steps: int = 6
+    warmup: int = 1
+    learning_rate: float = 2e-4
+    beta: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    quantization: str = "none"
+    threads: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+def tiny_llava_dir() -> Path:
+    """A tiny LLaVA from tests/tiny_models.py (stand-in while the bundled model is absent)."""
+    from tests.tiny_models import build_tiny_model
+
+    folder = MODEL_DIR / "tiny-llava"
+    if not (folder / "config.json").is_file():
+        build_tiny_model("llava", folder)
+    return folder
+
+
+def bundled_model_dir() -> tuple[Path, bool]:
+    """(folder, trained): the bundled model, or the tiny test LLaVA while it does not exist."""
+    from ttrv.config import BUNDLED_MODEL
+
+    bundled = Path(BUNDLED_MODEL)
+    if (bundled / "config.json").is_file():
+        return bundled, True
+    return tiny_llava_dir(), False
+
+
+def build_llava(base: Path, out: Path, seed: int = 0, **sizes: int) -> Path:
+    """A randomly initialised LLaVA of `sizes` (see LARGE) with `base`'s tokenizer/processor.
+
+    Deterministic; rebuilt only when the sizes or the base change (a marker file).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    marker = json.dumps({"base": str(base), "seed": seed, **sizes}, sort_keys=True)
+    if (out / "bench-built.json").is_file() and (out / "bench-built.json").read_text() == marker:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.md"))
+    config = AutoConfig.from_pretrained(base)
+    text, vision = config.text_config, config.vision_config
+    text.hidden_size = sizes["text_hidden"]
+    text.num_hidden_layers = sizes["text_layers"]
+    text.num_attention_heads = sizes["text_heads"]
+    text.num_key_value_heads = sizes["text_kv_heads"]
+    text.head_dim = sizes["text_hidden"] // sizes["text_heads"]
+    text.intermediate_size = sizes["text_mlp"]
+    vision.hidden_size = sizes["vision_hidden"]
+    vision.num_hidden_layers = sizes["vision_layers"]
+    vision.num_attention_heads = sizes["vision_heads"]
+    vision.intermediate_size = sizes["vision_mlp"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig.from_pretrained(base)
+    model.save_pretrained(out)
+    (out / "bench-built.json").write_text(marker)
+    return out
+
+
+def resolve_models(choice: str) -> list[tuple[str, Path, bool]]:
+    """[(label, folder, restrict_answers)] for --model (bundled | large | both | a folder)."""
+    base, trained = bundled_model_dir()
+    bundled = ("bundled" if trained else "tiny-llava", base, not trained)
+    if choice == "bundled":
+        return [bundled]
+    large = ("large", build_llava(base, MODEL_DIR / "llava-large", **LARGE), True)
+    if choice == "large":
+        return [large]
+    if choice == "both":
+        return [bundled, large]
+    folder = Path(choice)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--model {choice!r}: not bundled/large/both nor a model folder.")
+    return [(folder.name, folder, False)]
+
+
+# ---- the shared setup ----------------------------------------------------------------------
+
+
+def task_config() -> Any:
+    """The paper's multiple-choice protocol on digits (each image carries its 4 options)."""
+    from ttrv.config import TaskConfig
+
+    try:
+        from ttrv.digits import MC_QUESTION
+    except ImportError:  # digits module absent: random images with fixed options
+        return TaskConfig(kind="multiple_choice", question="What is shown?", options="A,B,C,D")
+    return TaskConfig(kind="multiple_choice", question=MC_QUESTION, options="")
+
+
+def bench_items(n: int, seed: int = 0) -> list[Any]:
+    """`n` test images: scikit-learn digits (multiple choice), or random noise without them."""
+    try:
+        from ttrv.digits import digit_items
+
+        return digit_items("test", "multiple_choice", seed=seed, limit=n)
+    except ImportError:
+        import numpy as np
+        from PIL import Image
+
+        from ttrv.tasks import Item, image_sha256
+
+        rng = np.random.default_rng(seed)
+        items = []
+        for i in range(n):
+            image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            items.append(Item(image_sha256(image), f"noise-{i}", image))
+        return items
+
+
+def adapt_config(spec: Spec) -> Any:
+    """The AdaptConfig both engines are set up from (TRL through `grpo_args`)."""
+    from ttrv.config import (
+        AdaptConfig,
+        GuardConfig,
+        LoraConfig,
+        ModelConfig,
+        OptimConfig,
+        RewardConfig,
+        RolloutConfig,
+    )
+
+    return AdaptConfig(
+        model=ModelConfig(
+            model=spec.model_dir,
+            quantization=spec.quantization,
+            dtype=spec.dtype,
+            device=spec.device,
+        ),
+        lora=LoraConfig(rank=spec.lora_rank, alpha=spec.lora_alpha, dropout=0.0),
+        task=task_config(),
+        rollout=RolloutConfig(
+            n_rollouts=spec.n,
+            n_train=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_new_tokens=spec.max_new_tokens,
+        ),
+        reward=RewardConfig(reward="ttrv", advantage_scope="group"),
+        optim=OptimConfig(
+            learning_rate=spec.learning_rate,
+            weight_decay=0.0,
+            schedule="constant",
+            warmup_ratio=0.0,
+            grad_clip=1.0,
+            clip_eps=0.2,
+            beta=spec.beta,
+            images_per_step=spec.images_per_step,
+            rounds=1,
+            seed=spec.seed,
+        ),
+        guard=GuardConfig(guard=False),
+    )
+
+
+def suppress_ids(spec: Spec, tokenizer: Any, model: Any) -> list[int]:
+    """Token ids neither engine may sample: the engine's own list, or, for untrained models,
+    everything but the option letters and EOS."""
+    from ttrv.loading import eos_token_ids, suppressed_token_ids
+
+    if not spec.restrict_answers:
+        return suppressed_token_ids(tokenizer, model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    keep = set(eos_token_ids(tokenizer, model))
+    for i in range(min(vocab, len(tokenizer))):
+        if tokenizer.decode([i]).strip() in ANSWER_TOKENS:
+            keep.add(i)
+    return [i for i in range(vocab) if i not in keep]
+
+
+def batch_for_step(items: list[Any], spec: Spec, step: int) -> list[Any]:
+    """The images of `step`: consecutive slices of the pool, cycling (one pass = a round)."""
+    start = (step * spec.images_per_step) % len(items)
+    return [items[(start + i) % len(items)] for i in range(spec.images_per_step)]
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StepClock:
+    """Wall and process-CPU time of each step (CUDA synchronised)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._t = (0.0, 0.0)
+
+    def _now(self) -> tuple[float, float]:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def start(self) -> None:
+        self._t = self._now()
+
+    def stop(self) -> None:
+        wall, cpu = self._now()
+        self.wall.append(wall - self._t[0])
+        self.cpu.append(cpu - self._t[1])
+        self._t = (wall, cpu)  # a following step starts here (TRL: consecutive step ends)
+
+
+def memory_report(device: str, rss_loaded: float) -> dict[str, float]:
+    out = {"rss_loaded_mib": rss_loaded, "peak_rss_mib": peak_rss_mib()}
+    if device.startswith("cuda"):
+        import torch
+
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def setup_torch(spec: Spec) -> None:
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+
+
+def resolved_device(spec: Spec) -> str:
+    import torch
+
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device
+
+
+# ---- this engine -----------------------------------------------------------------------------
+
+
+def load_ours(spec: Spec, cfg: Any) -> tuple[Any, Any, list[Any], Any]:
+    """(loaded, policy, params, optimizer) exactly as `ttrv.adapt.adapt` sets them up."""
+    from ttrv.adapt import make_policy, trainable_params
+    from ttrv.grpo import make_optimizer
+    from ttrv.loading import load_model
+    from ttrv.lora import attach_lora
+
+    loaded = load_model(cfg.model)
+    loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
+    policy = make_policy(loaded)
+    policy.suppress = suppress_ids(spec, loaded.tokenizer, loaded.model)
+    params = list(trainable_params(loaded.model).values())
+    optimizer = make_optimizer(params, cfg.optim.learning_rate, cfg.optim.weight_decay)
+    return loaded, policy, params, optimizer
+
+
+def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
+    """`spec.steps` steps of `ttrv.adapt.run_step` (rollouts, rewards, one GRPO update each).
+
+    `policy_hook(policy)` may change the policy before the first step (bench.scaling).
+    """
+    from ttrv.adapt import run_step
+
+    setup_torch(spec)
+    device = resolved_device(spec)
+    cfg = adapt_config(spec)
+    items = bench_items(spec.pool, spec.seed)
+    loaded, policy, params, optimizer = load_ours(spec, cfg)
+    if policy_hook is not None:
+        policy = policy_hook(policy, loaded)
+    rss_loaded = rss_mib()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(device)
+    tokens, skipped, reward = [], [], []
+    steps_per_round = max(1, len(items) // spec.images_per_step)
+    for step in range(spec.steps):
+        batch = batch_for_step(items, spec, step)
+        clock.start()
+        record, _, _ = run_step(
+            policy, batch, cfg, step, step // steps_per_round, optimizer, params
+        )
+        clock.stop()
+        tokens.append(record.tokens)
+        skipped.append(record.groups_skipped)
+        reward.append(record.reward_mean)
+    return {
+        "engine": "ours",
+        "label": spec.label,
+        "params": loaded.info["total_params"],
+        "step_wall": clock.wall,
+        "step_cpu": clock.cpu,
+        "tokens": tokens,
+        "groups_skipped": skipped,
+        "reward_mean": reward,
+        **memory_report(device, rss_loaded),
+    }
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def worker(engine: str, spec: Spec) -> dict[str, Any]:
+    if engine == "ours":
+        return run_ours(spec)
+    if engine == "proposed":  # ours with the two changes bench.scaling proposes, patched in
+        from bench.scaling import PROPOSED
+
+        with PROPOSED.applied():
+            return dict(run_ours(spec), engine="proposed")
+    from bench.trl_compare import run_trl
+
+    return run_trl(spec)
+
+
+def run_worker(engine: str, spec: Spec, timeout: float = 900) -> dict[str, Any]:
+    """One engine run in a fresh interpreter; its JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(spec.to_json())
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        cmd = [sys.executable, "-m", "bench.speed", "--worker", engine, "--spec", str(spec_path)]
+        cmd += ["--result", str(out_path)]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """Median over runs of each run's median post-warm-up step time; max peak memory."""
+    walls = [statistics.median(r["step_wall"][warmup:]) for r in runs]
+    cpus = [statistics.median(r["step_cpu"][warmup:]) for r in runs]
+    out = {
+        "engine": runs[0]["engine"],
+        "params": runs[0]["params"],
+        "runs": len(runs),
+        "wall_s": statistics.median(walls),
+        "wall_s_runs": walls,
+        "cpu_s": statistics.median(cpus),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "rss_loaded_mib": statistics.median(r["rss_loaded_mib"] for r in runs),
+        "tokens_per_step": statistics.mean(t for r in runs for t in r["tokens"][warmup:]),
+        "groups_skipped": sum(s for r in runs for s in r["groups_skipped"][warmup:]),
+    }
+    if "cuda_peak_mib" in runs[0]:
+        out["cuda_peak_mib"] = max(r["cuda_peak_mib"] for r in runs)
+    return out
+
+
+def print_table(label: str, spec: Spec, rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n== {label}: {rows[0]['params'] / 1e6:.2f} M params, {spec.images_per_step} images x "
+        f"N={spec.n} per step, max {spec.max_new_tokens} new tokens, {spec.steps} steps "
+        f"({spec.warmup} warm-up), device {spec.device}, dtype {spec.dtype}, "
+        f"quantization {spec.quantization}, {spec.threads} thread(s)"
+    )
+    mem = "cuda peak MiB" if "cuda_peak_mib" in rows[0] else "peak RSS MiB (rise)"
+    print(
+        f"{'engine':<8} {'s/step wall':>12} {'s/step cpu':>11} {mem:>22} {'tok/step':>9} {'skipped':>8}"
+    )
+    for r in rows:
+        if "cuda_peak_mib" in r:
+            m = f"{r['cuda_peak_mib']:.0f}"
+        else:
+            m = f"{r['peak_rss_mib']:.0f} (+{r['peak_rss_mib'] - r['rss_loaded_mib']:.0f})"
+        print(
+            f"{r['engine']:<8} {r['wall_s']:>12.3f} {r['cpu_s']:>11.3f} {m:>22} "
+            f"{r['tokens_per_step']:>9.1f} {r['groups_skipped']:>8}"
+        )
+    trl = next((r for r in rows if r["engine"] == "trl"), None)
+    for r in rows:
+        if trl is not None and r is not trl:
+            print(
+                f"TRL / {r['engine']}: {trl['wall_s'] / r['wall_s']:.2f}x wall, "
+                f"{trl['cpu_s'] / r['cpu_s']:.2f}x CPU time per step"
+            )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="both", help="bundled | large | both | a model folder")
+    p.add_argument(
+        "--engine",
+        nargs="+",
+        default=["ours", "trl"],
+        choices=["ours", "proposed", "trl"],
+        help="engines to run, in this order (proposed: ours + bench.scaling's two proposals)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 6; quick 3)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    p.add_argument("--repeats", type=int, default=1, help="runs per engine, alternating")
+    p.add_argument("--quick", action="store_true", help="bundled model only, 3 steps")
+    p.add_argument("--n", type=int, default=8, help="N rollouts per image (all trained)")
+    p.add_argument("--images-per-step", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per engine")
+    p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument("--worker", choices=["ours", "proposed", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:  # inside a subprocess started by run_worker
+        spec = Spec(**json.loads(args.spec.read_text()))
+        args.result.write_text(json.dumps(worker(args.worker, spec)))
+        return 0
+    if args.quick:
+        args.model = "bundled" if args.model == "both" else args.model
+    steps = args.steps or (3 if args.quick else 6)
+    engines = args.engine
+    results = []
+    for label, folder, restrict in resolve_models(args.model):
+        spec = Spec(
+            model_dir=str(folder),
+            label=label,
+            restrict_answers=restrict,
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            images_per_step=args.images_per_step,
+            pool=2 * args.images_per_step,
+            steps=steps,
+            warmup=args.warmup,
+            beta=args.beta,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            threads=args.threads,
+        )
+        runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+        for _ in range(args.repeats):
+            for engine in engines:
+                runs[engine].append(run_worker(engine, spec))
+        rows = [summarise(runs[e], spec.warmup) for e in engines]
+        print_table(label, spec, rows)
+        results.append({"spec": dataclasses.asdict(spec), "summary": rows, "runs": runs})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU check on a lent CUDA machine, from a fresh copy of the repo:
+#
+#     bash scripts/gpu_check.sh            # ~5-10 min
+#     bash scripts/gpu_check.sh --quick    # 3 steps per run
+#
+# Prints nvidia-smi, installs the requirements, runs `pytest -m gpu` (if any test has the
+# mark) and the speed benchmark (this engine vs TRL) on the larger config in bf16 and in
+# 4-bit (QLoRA), printing the figures; JSON results go to bench/out/gpu/.
+#
+# Assumptions (keep it simple):
+# - Linux x86_64, an NVIDIA driver, python3 >= 3.11 (PYTHON=... to choose another).
+# - torch: a python3 that already has a CUDA-enabled torch (an image with PyTorch, like the
+#   lent machines') keeps it - reinstalling torch==2.13.0 could pull a CPU build from a
+#   local wheel cache. Otherwise torch==2.13.0 is installed from PyPI, whose Linux x86_64
+#   wheel is the CUDA build; it needs a driver recent enough for that build's CUDA.
+# - The other requirements (requirements-bench.txt without the torch pin) are installed
+#   into the same python. Without network access pip fails; the script then carries on
+#   with whatever is installed and prints the versions, so a mismatch is visible.
+#   Never installs torchvision (an image may already have a CUDA build of it: that works).
+# - Models are built locally from config (bench/out/models); nothing is downloaded.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STEPS=6
+[ "${1:-}" = "--quick" ] && STEPS=3
+OUT=bench/out/gpu
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+echo "== nvidia-smi"
+if ! nvidia-smi; then
+    echo "nvidia-smi failed: this is not a CUDA machine" >&2
+    exit 1
+fi
+
+echo "== install"
+if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "keeping the installed CUDA torch $($PY -c 'import torch; print(torch.__version__)')"
+else
+    $PY -m pip install -q torch==2.13.0 || echo "!! could not install torch==2.13.0" >&2
+fi
+REQ=$(mktemp)
+grep -hv -e '^[[:space:]]*-r' -e '^[[:space:]]*torch==' -e '^[[:space:]]*#' -e '^[[:space:]]*$' \
+    requirements.txt requirements-dev.txt requirements-bench.txt >"$REQ"
+$PY -m pip install -q -r "$REQ" ||
+    echo "!! pip install failed (offline?): carrying on with the installed packages" >&2
+rm -f "$REQ"
+$PY - <<'EOF'
+import importlib
+import torch
+
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, available {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"device {torch.cuda.get_device_name(0)}")
+for name in ("transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name} missing ({type(exc).__name__})")
+EOF
+if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "torch does not see a GPU: stopping" >&2
+    exit 1
+fi
+
+STATUS=0
+echo "== pytest -m gpu"
+$PY -m pytest -q -m gpu
+rc=$?
+if [ $rc -eq 5 ]; then
+    echo "(no test is marked gpu)"
+elif [ $rc -ne 0 ]; then
+    STATUS=1
+fi
+
+ENGINES="ours proposed trl"
+if ! $PY -c 'import trl' 2>/dev/null; then
+    echo "!! trl is not importable: timing this engine only" >&2
+    ENGINES="ours proposed"
+fi
+for QUANT in none 4bit; do
+    echo "== speed: large config, CUDA, bf16, quantization $QUANT, $STEPS steps"
+    $PY -m bench.speed --model large --engine $ENGINES --device cuda --dtype bfloat16 \
+        --quantization "$QUANT" --steps "$STEPS" --json "$OUT/speed-bf16-$QUANT.json" || STATUS=1
+done
+echo "== speed: bundled model, CUDA, bf16, $STEPS steps"
+$PY -m bench.speed --model bundled --engine $ENGINES --device cuda --dtype bfloat16 \
+    --steps "$STEPS" --json "$OUT/speed-bundled-bf16.json" || STATUS=1
+exit $STATUS
