@@ -524,7 +524,9 @@ FIGURES = ["optimisations", "converged", "images", "n", "memory"]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--figure", action="append", choices=FIGURES, help="repeatable; default all")
-    p.add_argument("--model", default="bundled", help="bundled | large | a folder (not memory)")
+    p.add_argument(
+        "--model", default="bundled", help="bundled | large | large-32k | a folder (not memory)"
+    )
     p.add_argument("--steps", type=int, default=5, help="steps per run (optimisations)")
     p.add_argument("--variant", action="append", help="optimisations: name substring to run")
     p.add_argument("--repeats", type=int, default=2)

@@ -144,6 +144,8 @@ def build_llava(base: Path, out: Path, seed: int = 0, **sizes: int) -> Path:
     vision.num_hidden_layers = sizes["vision_layers"]
     vision.num_attention_heads = sizes["vision_heads"]
     vision.intermediate_size = sizes["vision_mlp"]
+    if "vocab" in sizes:  # rows past the tokenizer are never sampled (see suppress_ids)
+        text.vocab_size = sizes["vocab"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
@@ -154,7 +156,8 @@ def build_llava(base: Path, out: Path, seed: int = 0, **sizes: int) -> Path:
 
 
 def resolve_models(choice: str) -> list[tuple[str, Path, bool]]:
-    """[(label, folder, restrict_answers)] for --model (bundled | large | both | a folder)."""
+    """[(label, folder, restrict_answers)] for --model: bundled | large | both | large-32k (the
+    large config with a 32,000-row vocabulary) | a model folder."""
     base, trained = bundled_model_dir()
     bundled = ("bundled" if trained else "tiny-llava", base, not trained)
     if choice == "bundled":
@@ -162,11 +165,14 @@ def resolve_models(choice: str) -> list[tuple[str, Path, bool]]:
     large = ("large", build_llava(base, MODEL_DIR / "llava-large", **LARGE), True)
     if choice == "large":
         return [large]
+    if choice == "large-32k":  # a real-sized vocabulary: what logits_to_keep is for
+        sizes = dict(LARGE, vocab=32000)
+        return [("large-32k", build_llava(base, MODEL_DIR / "llava-large-32k", **sizes), True)]
     if choice == "both":
         return [bundled, large]
     folder = Path(choice)
     if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model {choice!r}: not bundled/large/both nor a model folder.")
+        raise SystemExit(f"--model {choice!r}: not bundled/large/both/large-32k nor a folder.")
     return [(folder.name, folder, False)]
 
 
@@ -482,7 +488,7 @@ def print_table(label: str, spec: Spec, rows: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="both", help="bundled | large | both | a model folder")
+    p.add_argument("--model", default="both", help="bundled | large | both | large-32k | a folder")
     p.add_argument(
         "--engine",
         nargs="+",
