@@ -1,7 +1,8 @@
 """This engine vs TRL's GRPOTrainer on the same test-time adaptation, seconds per step.
 
-    python -m bench.speed                     # bundled model and the larger config (~8 min)
-    python -m bench.speed --quick             # bundled model only, 3 steps (< 2 min)
+    python -m bench.speed                     # bundled model and the larger config (~4-6 min)
+    python -m bench.speed --quick             # bundled model only, 3 steps (~20 s)
+    python -m bench.speed --engine ours proposed trl   # + ours with bench.scaling's proposals
     python -m bench.speed --model large --steps 8 --repeats 2
     python -m bench.speed --device cuda --dtype bfloat16 --quantization 4bit --model large
 

@@ -60,7 +60,8 @@ for name in ("transformers", "peft", "accelerate", "bitsandbytes", "trl", "datas
         print(f"{name} missing ({type(exc).__name__})")
 EOF
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "torch does not see a GPU: stopping" >&2
+    echo "torch does not see a GPU: stopping. A CPU build (+cpu) satisfies torch==2.13.0 too;" >&2
+    echo "replace it with PyPI's CUDA build: pip install --force-reinstall torch==2.13.0" >&2
     exit 1
 fi
 
