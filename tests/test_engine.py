@@ -239,3 +239,33 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
         results.append({n: p.detach().clone() for n, p in trainable_params(loaded.model).items()})
     for n, p in results[0].items():
         assert torch.allclose(p, results[1][n], atol=1e-5), n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_matches_full_sequences(tiny_model_dir, family):
+    """Running the prompt once and sharing its KV cache must change no number.
+
+    Families whose positions depend on the image layout (Qwen-VL) must opt out.
+    """
+    from ttrv.rollout import sample, supports_shared_prefix
+
+    folder = tiny_model_dir(family)
+    cfg = small_config(folder)
+    loaded = loaded_model(folder, cfg)
+    if not supports_shared_prefix(loaded.model):
+        assert family.startswith("qwen")
+        assert not make_policy(loaded).shared_prefix
+        return
+    policy = make_policy(loaded)
+    assert policy.shared_prefix
+    group = rollout_group(policy, make_items(1)[0], cfg.task, cfg.rollout, [None])
+    enc = group.encoded[0]
+    full, _ = sequence_logprobs(loaded.model, enc, group.completions, policy.pad, 0.7, False)
+    shared, _ = sequence_logprobs(loaded.model, enc, group.completions, policy.pad, 0.7, True)
+    assert torch.allclose(full, shared, atol=1e-5)
+    gen = policy.generation_kwargs(cfg.rollout, sample=True)
+    torch.manual_seed(5)
+    a = sample(loaded.model, enc, 6, gen, shared_prefix=False)
+    torch.manual_seed(5)
+    b = sample(loaded.model, enc, 6, gen, shared_prefix=True)
+    assert torch.equal(a, b)

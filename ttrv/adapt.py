@@ -35,6 +35,7 @@ from .rollout import (
     greedy_answers,
     hf_model,
     rollout_group,
+    supports_shared_prefix,
     wants_token_type_ids,
 )
 from .tasks import Item, item_options, option_orders
@@ -54,7 +55,7 @@ class AdaptResult:
     history: list[StepRecord] = field(default_factory=list)
 
 
-def make_policy(loaded: Any, cache_images: bool = True) -> Policy:
+def make_policy(loaded: Any, cache_images: bool = True, shared_prefix: bool = True) -> Policy:
     from .loading import eos_token_ids, suppressed_token_ids
 
     tok = loaded.tokenizer
@@ -71,6 +72,7 @@ def make_policy(loaded: Any, cache_images: bool = True) -> Policy:
         suppress=suppressed_token_ids(tok, loaded.model),
         cache=ImageCache(loaded.model, enabled=cache_images),
         keep_token_type_ids=wants_token_type_ids(loaded.model),
+        shared_prefix=shared_prefix and cache_images and supports_shared_prefix(loaded.model),
     )
 
 

@@ -134,12 +134,16 @@ def grpo_update(
         for prompt_idx, idx in rows.items():
             enc = group.encoded[prompt_idx]
             comps = [group.completions[i] for i in idx]
-            logp, mask = sequence_logprobs(model, enc, comps, policy.pad, temperature)
+            logp, mask = sequence_logprobs(
+                model, enc, comps, policy.pad, temperature, policy.shared_prefix
+            )
             adv_t = torch.tensor([adv[i] for i in idx], dtype=logp.dtype, device=logp.device)
             loss = clipped_surrogate(logp, logp.detach(), adv_t, mask, clip_eps)
             if beta > 0:
                 with torch.no_grad(), model.disable_adapter():
-                    ref_logp, _ = sequence_logprobs(model, enc, comps, policy.pad, temperature)
+                    ref_logp, _ = sequence_logprobs(
+                        model, enc, comps, policy.pad, temperature, policy.shared_prefix
+                    )
                 kl = (kl_k3(logp, ref_logp) * mask).sum()
                 loss = loss + beta * kl
                 kl_total += float(kl.detach())
