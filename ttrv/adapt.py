@@ -270,9 +270,14 @@ def adapt(
     model = loaded.model
     if cfg.model.gradient_checkpointing:
         # Only active in train mode, so rollouts (eval mode) keep their KV cache.
-        hf_model(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        base = hf_model(model)
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:  # the transformers >= 5.2x name
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     policy = make_policy(loaded)
     params = list(trainable_params(model).values())
     if not params:

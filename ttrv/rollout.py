@@ -204,12 +204,12 @@ def sample(
             input_ids=enc.input_ids, num_return_sequences=n, **enc.kwargs(), **gen_kwargs
         )
         return out[:, enc.length :]  # [n, T]
-    cache = _prefill(model, enc, enc.input_ids[:, :-1], logits_to_keep=1).past_key_values
+    cache = _cache_of(_prefill(model, enc, enc.input_ids[:, :-1], logits_to_keep=1))
     cache.batch_repeat_interleave(n)
     out = model.generate(
         input_ids=enc.input_ids.expand(n, -1),
         attention_mask=enc.attention_mask.expand(n, -1),
-        past_key_values=cache,
+        cache=cache,
         **gen_kwargs,
     )
     return out[:, enc.length :]  # [n, T]
@@ -249,7 +249,9 @@ def rollout_group(
 
 def _checkpointing(model: Any) -> bool:
     # transformers turns the KV cache off in train mode under gradient checkpointing.
-    return bool(getattr(hf_model(model), "is_gradient_checkpointing", False))
+    base = hf_model(model)
+    flag = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.2x name
+    return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
 
 
 def _prefill(model: Any, enc: Encoded, input_ids: torch.Tensor, **extra: Any) -> Any:
@@ -260,6 +262,11 @@ def _prefill(model: Any, enc: Encoded, input_ids: torch.Tensor, **extra: Any) ->
         if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == enc.length:
             kw[key] = value[:, :p]  # per-token side inputs cut to the prefix
     return model(input_ids=input_ids, use_cache=True, **kw, **extra)
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _prefix_shared_logits(
@@ -276,11 +283,11 @@ def _prefix_shared_logits(
     first = out.logits[:, -1:, :].expand(k, -1, -1)  # [K, 1, V]: predicts token 0
     if t == 1:
         return first
-    cache = out.past_key_values
+    cache = _cache_of(out)
     cache.batch_repeat_interleave(k)
     attn = torch.cat([enc.attention_mask.expand(k, -1), mask.long()], dim=1)[:, :-1]
     rest = model(
-        input_ids=comp[:, :-1], attention_mask=attn, past_key_values=cache, use_cache=True
+        input_ids=comp[:, :-1], attention_mask=attn, cache=cache, use_cache=True
     ).logits  # [K, T-1, V]
     return torch.cat([first, rest], dim=1)  # [K, T, V]
 
