@@ -128,10 +128,13 @@ def drive(app, page) -> None:
     page.click("#tab-adapt-button")
     for elem_id, value in (("cfg-rollout-n_rollouts", 4), ("cfg-rollout-n_train", 4),
                            ("cfg-rollout-max_new_tokens", 4), ("cfg-optim-images_per_step", 2),
-                           ("cfg-optim-rounds", 20)):  # fmt: skip
+                           ("cfg-optim-rounds", 100)):  # fmt: skip
         set_number(page, elem_id, value)
-    page.click("#tab-adapt :text('Guard')")  # open the accordion; keep the run going until
-    page.locator("#cfg-guard-guard input").uncheck()  # the Stop button ends it
+    # Keep the run going until the Stop button ends it: no guard, no skipping of images
+    # whose rollouts agree (the bundled model agrees on most digits at once).
+    page.locator("#cfg-optim-skip_converged input").uncheck()
+    page.click("#tab-adapt :text('Guard')")  # open the accordion
+    page.locator("#cfg-guard-guard input").uncheck()
     page.click("#start-btn")
     page.wait_for_selector("#adapt-status :text('Started session')")
 

@@ -118,6 +118,8 @@ def test_progress_counts_steps_and_estimates_the_rest():
     p = charts.progress(steps, config, n_images=24, status="running")
     assert (p.done, p.total, p.round, p.eta_s) == (4, 10, 1, 12.0)
     assert charts.progress(steps, config, 24, "stopped").eta_s is None
+    done = charts.progress(steps, config, 24, "done")  # converged images were skipped
+    assert (done.done, done.total, done.fraction) == (4, 4, 1.0)
     html_text = charts.progress_html(p, "adapting", elapsed_s=75)
     assert "Step 4 / 10" in html_text and "ETA 0:12" in html_text and "elapsed 1:15" in html_text
 
@@ -350,7 +352,7 @@ def test_adapt_progress_stop_refusals_resume_delete(app):
     # Export, import the archive as a second session, compare the two.
     status, archive = tab1.predict(sid, api_name="/export_session")
     assert "Exported" in status
-    status, *_ = tab1.predict(handle_file(archive["path"]), api_name="/import_session")
+    status, *_ = tab1.predict(handle_file(archive["value"]["path"]), api_name="/import_session")
     assert "Imported" in status
     copy = next(s["id"] for s in app.store.list_sessions() if s["id"] != sid)
     summary, _, side_by_side = tab1.predict(sid, copy, api_name="/compare")

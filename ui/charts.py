@@ -58,7 +58,7 @@ class Progress:
     rounds: int
     step_s: float | None  # mean seconds per step over the recent steps
     eta_s: float | None
-    status: str
+    status: str  # the session's status
 
     @property
     def fraction(self) -> float:
@@ -75,6 +75,8 @@ def progress(steps: list[dict[str, Any]], config: dict[str, Any], n_images: int,
     step_s = sum(recent) / len(recent) if recent else None
     eta = step_s * max(0, total - done) if step_s is not None and status in ACTIVE else None
     last_round = steps[-1].get("round") if steps else None
+    if status == "done":  # skipped (converged) images made it shorter than planned
+        total = done
     return Progress(
         done=done,
         total=max(total, done),

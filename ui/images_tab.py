@@ -11,6 +11,8 @@ from typing import Any
 
 import gradio as gr
 
+from ttrv.images import IMAGE_EXTENSIONS
+
 from . import draft as drafts
 from .state import Context, bullet_list, error, guarded, ok
 
@@ -58,8 +60,14 @@ def build(ctx: Context) -> dict[str, Any]:
         add_local = gr.Button("Add", scale=0)
     status = gr.Markdown(elem_id="images-status")
     summary = gr.Markdown(drafts.summary([]), elem_id="images-summary")
-    gallery = gr.Gallery(label="Images (click one, then Remove)", columns=8, height=320,
-                         elem_id="draft-gallery", allow_preview=False)  # fmt: skip
+    gallery = gr.Gallery(
+        label="Images (click one, then Remove)",
+        columns=8,
+        height=320,
+        allow_preview=False,
+        fit_columns=False,
+        elem_id="draft-gallery",
+    )
     with gr.Row():
         remove_btn = gr.Button("Remove selected", size="sm", scale=0)
         clear_btn = gr.Button("Remove all", size="sm", scale=0, variant="stop")
@@ -96,7 +104,8 @@ def build(ctx: Context) -> dict[str, Any]:
                 "`python scripts/make_demo_model.py`."
             )
         csv = ctx.demo_dir / "labels.csv"
-        return add(current, [str(ctx.demo_dir)], str(csv) if csv.is_file() else None, False)
+        images = sorted(p for p in ctx.demo_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return add(current, [str(p) for p in images], str(csv) if csv.is_file() else None, False)
 
     @guarded(outputs=5, status=4)
     def apply_labels(current: list, csv: str | None) -> tuple:

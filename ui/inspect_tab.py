@@ -25,8 +25,7 @@ FILTERS = {
     "wrong": "Wrong (needs labels)",
     "invalid": "Invalid",
 }
-GROUP_HEADERS = ["answer", "count", "share", "mean reward", "mean advantage", "trained",
-                 "example response"]  # fmt: skip
+GROUP_HEADERS = ["answer", "count", "share", "reward", "advantage", "trained", "example response"]
 
 
 def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
@@ -111,8 +110,14 @@ def build(ctx: Context) -> dict[str, Any]:
     collapse = gr.Markdown(elem_id="inspect-collapse")
     with gr.Row():
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images (click one)", columns=6, height=300,
-                                 allow_preview=False, elem_id="inspect-gallery")  # fmt: skip
+            gallery = gr.Gallery(
+                label="Images (click one)",
+                columns=6,
+                height=300,
+                allow_preview=False,
+                fit_columns=False,
+                elem_id="inspect-gallery",
+            )
             image_pick = gr.Dropdown(label="Or pick by name", choices=[], elem_id="inspect-image",
                                      allow_custom_value=True)  # fmt: skip
         with gr.Column(scale=2):
@@ -124,8 +129,14 @@ def build(ctx: Context) -> dict[str, Any]:
         with gr.Column(scale=2):
             detail = gr.Markdown(elem_id="inspect-detail")
             rewards = gr.Plot(label="Reward distribution", elem_id="inspect-rewards")
-    groups = gr.Dataframe(headers=GROUP_HEADERS, interactive=False, wrap=True,
-                          label="Rollouts grouped by answer", elem_id="inspect-groups")  # fmt: skip
+    groups = gr.Dataframe(
+        headers=GROUP_HEADERS,
+        interactive=False,
+        wrap=True,
+        column_widths=["16%", "8%", "8%", "11%", "12%", "8%", "37%"],
+        label="Rollouts grouped by answer",
+        elem_id="inspect-groups",
+    )
     with gr.Accordion("Guard events", open=False):
         guard = gr.Markdown(elem_id="inspect-guard")
     shown_ids = gr.State([])

@@ -4,6 +4,7 @@ the current session the other tabs show), compare two, delete, export and import
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,13 @@ def build(ctx: Context) -> dict[str, Any]:
         open_btn = gr.Button("Open", variant="primary", scale=0, elem_id="sessions-open")
         settings_btn = gr.Button("Use its settings", scale=0)
         export_btn = gr.Button("Export", scale=0, elem_id="sessions-export")
+        export_file = gr.DownloadButton("Download", visible=False, scale=0, variant="primary",
+                                        elem_id="export-file")  # fmt: skip
+        import_file = gr.UploadButton("Import…", file_types=[".zip"], scale=0,
+                                      elem_id="import-file")  # fmt: skip
         delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="sessions-delete")
         refresh_btn = gr.Button("↻", scale=0, min_width=40)
     status = gr.Markdown(elem_id="sessions-status")
-    with gr.Row():
-        export_file = gr.File(label="Exported archive", interactive=False, height=110,
-                              elem_id="export-file")  # fmt: skip
-        import_file = gr.File(label="Import a session archive (.zip)", file_types=[".zip"],
-                              height=110, elem_id="import-file")  # fmt: skip
     gr.Markdown("### Compare two sessions")
     with gr.Row():
         a_pick = gr.Dropdown(label="A", choices=[], elem_id="compare-a", allow_custom_value=True)
@@ -76,7 +76,7 @@ def build(ctx: Context) -> dict[str, Any]:
     compare_md = gr.Markdown(elem_id="compare-summary")
     compare_plot = gr.Plot(label="Curves", elem_id="compare-curves")
     compare_table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False,
-                                 label="Answers side by side")  # fmt: skip
+                                 label="Answers side by side (differences first)")  # fmt: skip
 
     def lists(current: str | None) -> tuple:
         choices = session_choices(ctx.store)
@@ -118,11 +118,14 @@ def build(ctx: Context) -> dict[str, Any]:
         if not sid:
             return error("Pick a session first."), gr.skip()
         session = ctx.store.get_session(sid)
-        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in session["name"])[:40]
+        safe = re.sub(r"[^A-Za-z0-9_]+", "-", session["name"]).strip("-")[:40]
         dest = Path(tempfile.mkdtemp(prefix="ttrv-export-")) / f"{safe}-{sid}.zip"
         path = ctx.store.export_session(sid, dest)
         size = path.stat().st_size / 2**20
-        return ok(f"Exported {session['name']!r} ({size:.1f} MiB)."), str(path)
+        return (
+            ok(f"Exported {session['name']!r} ({size:.1f} MiB): click Download."),
+            gr.DownloadButton(f"⬇ {path.name}", value=str(path), visible=True),
+        )
 
     @guarded(outputs=7)
     def import_(path: str | None) -> tuple:
@@ -153,6 +156,7 @@ def build(ctx: Context) -> dict[str, Any]:
              i["b"]["before"] or "", i["b"]["after"] or ""]
             for i in data["images"]
         ]  # fmt: skip
+        rows.sort(key=lambda r: len({r[2], r[3], r[4], r[5]}) == 1)  # differing answers first
         summary = compare_summary(data)
         if not rows:
             summary += "\n\nThe two sessions share no images."
@@ -170,6 +174,8 @@ def build(ctx: Context) -> dict[str, Any]:
         "[sid, cur] : [null, cur]",
     )
     export_btn.click(export, pick, [status, export_file], api_name="export_session")
+    pick.change(lambda: gr.DownloadButton(visible=False), None, export_file,
+                api_visibility="private")  # fmt: skip
     imported = import_file.upload(import_, import_file, [status, *session_outs, *list_outs],
                                   api_name="import_session")  # fmt: skip
     settings_btn.click(use_settings, pick, [status, *ctx.forms.values()],
