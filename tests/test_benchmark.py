@@ -116,10 +116,11 @@ def test_replay_rolls_back_to_best_round_on_trip():
         {"answers": _answers(["1", "2", "3", "4"])},  # back to the base: score 1, best
         {"answers": _answers(["4", "4", "4", "4"])},  # collapse: trips
     ]
-    out = replay_guard(task, [None] * 4, before, rounds, {"guard": False})
+    loose = {"max_marginal_entropy_drop": 0.35}  # round 1's 25% drop is tolerated here
+    out = replay_guard(task, [None] * 4, before, rounds, {"guard": False, **loose})
     assert (out["round"], out["status"], out["tripped_at"]) == (2, "guard_stopped", 3)
     assert "single answer" in out["reason"]
-    calm = replay_guard(task, [None] * 4, before, rounds[:2], {})
+    calm = replay_guard(task, [None] * 4, before, rounds[:2], loose)
     assert (calm["round"], calm["status"]) == (2, "done")
 
 

@@ -187,6 +187,7 @@ def test_guard_rolls_back_a_collapse(tiny_model_dir, tmp_path, monkeypatch):
 
     folder = tiny_model_dir("llava")
     cfg = small_config(folder, rounds=3)
+    cfg.guard.max_marginal_entropy_drop = 0.35  # round 1's 25% drop is tolerated here
     loaded = loaded_model(folder, cfg)
     items = make_items(4)
     answers = iter(
@@ -228,17 +229,23 @@ def test_seeded_runs_are_reproducible(tiny_model_dir):
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
-    """Checkpointing trades compute for memory; it must not change the maths."""
+    """Checkpointing trades compute for memory; it must not change the maths.
+
+    Compared through each step's loss and gradient norm (Adam's first steps move weights by
+    about lr * sign(g), so tiny rounding differences of near-zero gradients flip weights).
+    """
     folder = tiny_model_dir("llava")
     results = []
     for ckpt in (False, True):
         cfg = small_config(folder, rounds=1)
         cfg.model.gradient_checkpointing = ckpt
         loaded = loaded_model(folder, cfg)
-        adapt(loaded, make_items(2), cfg)
-        results.append({n: p.detach().clone() for n, p in trainable_params(loaded.model).items()})
-    for n, p in results[0].items():
-        assert torch.allclose(p, results[1][n], atol=1e-5), n
+        history = adapt(loaded, make_items(2), cfg).history
+        results.append([(r.loss, r.grad_norm) for r in history])
+    assert len(results[0]) == len(results[1]) > 0
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(*results, strict=True):
+        assert loss_a == pytest.approx(loss_b, abs=1e-5)
+        assert norm_a == pytest.approx(norm_b, rel=1e-3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -105,7 +105,7 @@ class TaskConfig:
         ),
     )
     option_orders: int = field(
-        default=1,
+        default=4,
         metadata=_help(
             "multiple_choice: distinct option orders per image among the rollouts; >1 votes "
             "over option contents so letter-position bias does not vote.",
@@ -214,7 +214,7 @@ class RewardConfig:
 @dataclass
 class OptimConfig:
     learning_rate: float = field(
-        default=2e-4, metadata=_help("AdamW learning rate for the LoRA weights.", minimum=0)
+        default=3e-3, metadata=_help("AdamW learning rate for the LoRA weights.", minimum=0)
     )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", minimum=0))
     schedule: Literal["constant", "cosine", "linear"] = field(
@@ -260,7 +260,7 @@ class GuardConfig:
         metadata=_help("Watch unsupervised signals and stop / roll back before harm."),
     )
     max_marginal_entropy_drop: float = field(
-        default=0.35,
+        default=0.1,
         metadata=_help(
             "Stop when the entropy of greedy answers across images falls by this share "
             "of its value before adaptation.",
