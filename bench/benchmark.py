@@ -91,17 +91,44 @@ STRESS_VARIANTS = [
     "proposed",
 ]
 
-# --tune: the val-split grid (applied to "default"; rounds and N on the best of the rest).
-TUNE_GRID: dict[str, dict[str, Any]] = {
-    f"{reward}-o{orders}-lr{lr:g}": {
-        "reward": {"reward": reward},
-        "task": {"option_orders": orders},
-        "optim": {"learning_rate": lr},
-    }
-    for reward in ("ttrv", "frequency")
-    for orders in (1, 4)
-    for lr in (2e-4, 5e-4, 1e-3)
+# --tune: the val-split grid, name -> (variant, overrides). Adapt on 20 of the 100 val
+# images, score on all 100; every round is evaluated so that guard settings can be replayed.
+TUNE_GRID: dict[str, tuple[str, dict[str, Any]]] = {
+    **{
+        f"ttrv-o{o}-lr{lr}": ("default", {"task": {"option_orders": o},
+                                            "optim": {"learning_rate": float(lr)}})
+        for o in (1, 4)
+        for lr in ("2e-4", "1e-3", "3e-3")
+    },
+    "frequency-o1-lr1e-3": ("frequency", {"optim": {"learning_rate": 1e-3}}),
+    "frequency-o4-lr1e-3": ("frequency", {"task": {"option_orders": 4},
+                                          "optim": {"learning_rate": 1e-3}}),
+    "ttrv-o4-lr1e-3-r4": ("default", {"task": {"option_orders": 4},
+                                      "optim": {"learning_rate": 1e-3, "rounds": 4}}),
+    "ttrv-o4-lr3e-3-r4": ("default", {"task": {"option_orders": 4},
+                                      "optim": {"learning_rate": 3e-3, "rounds": 4}}),
+    "ttrv-o4-lr1e-2": ("default", {"task": {"option_orders": 4},
+                                   "optim": {"learning_rate": 1e-2}}),
+    "ttrv-o4-lr3e-3-n8": ("default", {"task": {"option_orders": 4},
+                                      "optim": {"learning_rate": 3e-3},
+                                      "rollout": {"n_rollouts": 8, "n_train": 8}}),
+    "frequency-o4-lr3e-3": ("frequency", {"task": {"option_orders": 4},
+                                          "optim": {"learning_rate": 3e-3}}),
+    # pushed runs of the other rewards, for choosing the guard's thresholds
+    **{f"{v}-lr3e-3-r4": (v, {"optim": {"learning_rate": 3e-3, "rounds": 4}})
+       for v in ("ttrv_paper", "majority", "entropy", "random")},
 }
+# Guard settings replayed on every tune run (GuardConfig fields).
+GUARD_CANDIDATES: dict[str, dict[str, Any]] = {
+    "current": {},
+    "drop0.2": {"max_marginal_entropy_drop": 0.2},
+    "drop0.1": {"max_marginal_entropy_drop": 0.1},
+    "drop0.2-inv0.05": {"max_marginal_entropy_drop": 0.2, "max_invalid_rise": 0.05},
+    "drop0.1-inv0.05": {"max_marginal_entropy_drop": 0.1, "max_invalid_rise": 0.05},
+    "drop0.05-inv0.05": {"max_marginal_entropy_drop": 0.05, "max_invalid_rise": 0.05},
+}
+# The guard setting recommended by --tune (replayed next to the current one everywhere).
+PROPOSED_GUARD: dict[str, Any] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,7 +146,7 @@ class Job:
     setting: str = "main"  # "main", a STRESS_SETTINGS key or a TUNE_GRID key
     overrides: dict[str, Any] = field(default_factory=dict)  # on top of the variant's
     guards: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra guards to replay
-    trajectory: bool = False  # evaluate after every round (tune / stress)
+    trajectory: bool = True  # evaluate after every round (for offline guard replays)
 
     @property
     def key(self) -> tuple[str, str, str, int, int, str]:
@@ -366,67 +393,65 @@ class RoundRecorder:
         }
 
 
-def replay_guard(
-    task: Any,
-    items: list[Any],
-    before: list[dict[str, str]],
-    rounds: list[dict[str, Any]],
-    guard: dict[str, Any],
-) -> dict[str, Any]:
-    """Where `adapt` with this guard would have ended, from a guard-off run's rounds.
+def replay_signals(base: Any, rounds: list[Any], guard: dict[str, Any]) -> dict[str, Any]:
+    """Where `adapt`'s guard loop ends, given the guard signals before and after each round.
 
-    Mirrors `ttrv.adapt.adapt`: after round k, `check` the greedy signals of the adapted
-    images against those before; on a trip, roll back to the best round so far by
-    `score` (round 0 = the fresh adapter) and stop; otherwise go on. Returns the round whose
-    weights the guarded run ends with.
+    Mirrors `ttrv.adapt.adapt`: after round k, `check` the signals against those before; on
+    a trip, roll back to the best round so far by `score` (round 0 = the fresh adapter) and
+    stop; otherwise go on to the end. Returns the round whose weights the run ends with.
     """
-    from ttrv.adapt import greedy_signals
     from ttrv.config import GuardConfig
     from ttrv.guard import check, score
 
     cfg = GuardConfig(**{**guard, "guard": True})  # replayed for every variant
-
-    def answers(xs: list[Any]) -> list[dict[str, str]]:  # dicts from the sink, or strings
-        return [x if isinstance(x, dict) else {"answer": x} for x in xs]
-
-    base = greedy_signals(task, items, answers(before))
     best_round, best_score = 0, score(base, base)
     verdicts: list[str] = []
-    for k, r in enumerate(rounds, start=1):
-        now = greedy_signals(task, items, answers(r["answers"]))
+    for k, now in enumerate(rounds, start=1):
         verdict = check(base, now, cfg)
         verdicts.append(verdict.reason)
         if verdict.tripped:
-            return {
-                "round": best_round,
-                "status": "guard_stopped",
-                "reason": verdict.reason,
-                "tripped_at": k,
-                "verdicts": verdicts,
-            }
+            return {"round": best_round, "status": "guard_stopped", "reason": verdict.reason,
+                    "tripped_at": k, "verdicts": verdicts}
         s = score(base, now)
         if s >= best_score:
             best_round, best_score = k, s
-    return {
-        "round": len(rounds),
-        "status": "done",
-        "reason": "",
-        "tripped_at": None,
-        "verdicts": verdicts,
-    }
+    return {"round": len(rounds), "status": "done", "reason": "", "tripped_at": None,
+            "verdicts": verdicts}
 
 
-def replay_record(record: dict[str, Any], guard: dict[str, Any]) -> dict[str, Any]:
-    """Replay another guard setting on a stored run (needs its `trajectory`): the round it
-    would end on and that round's metrics. Lets guard thresholds be chosen offline."""
+def replay_guard(task: Any, items: list[Any], before: list[Any], rounds: list[dict[str, Any]],
+                 guard: dict[str, Any]) -> dict[str, Any]:
+    """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
+    images (`ttrv.adapt.greedy_signals`, as `adapt` computes them) before and after each
+    round. Answers are the sink's dicts or plain strings."""
+    from ttrv.adapt import greedy_signals
+
+    def signals(xs: list[Any]) -> Any:
+        return greedy_signals(task, items, [x if isinstance(x, dict) else {"answer": x} for x in xs])
+
+    return replay_signals(signals(before), [signals(r["answers"]) for r in rounds], guard)
+
+
+def replay_record(record: dict[str, Any], guard: dict[str, Any], monitor: bool = False
+                  ) -> dict[str, Any]:
+    """Replay a guard setting on a stored run (needs its `trajectory`): the round it ends
+    on and that round's metrics. `monitor`: the guard watches the greedy answers of the
+    images *not* adapted on (unlabeled, label-free signals) instead of the adapted ones, a
+    possible engine change measured offline."""
     from ttrv.config import TaskConfig
     from ttrv.digits import digit_items
+    from ttrv.guard import Signals
 
-    task = TaskConfig(**record["config"]["task"])
-    items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
-    adapted = [items[p] for p in record["adapted_positions"]]
-    rep = replay_guard(task, adapted, record["before"], record["rounds"], guard)
-    return {**rep, "metrics": record["trajectory"][str(rep["round"])]}
+    traj = record["trajectory"]
+    if monitor:
+        sig = [Signals(**traj[str(r)]["signals_heldout"]) for r in range(len(record["rounds"]) + 1)]
+        rep = replay_signals(sig[0], sig[1:], guard)
+    else:
+        task = TaskConfig(**record["config"]["task"])
+        items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
+        adapted = [items[p] for p in record["adapted_positions"]]
+        rep = replay_guard(task, adapted, record["before"], record["rounds"], guard)
+    return {**rep, "metrics": traj[str(rep["round"])]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,6 +466,7 @@ def summarize(
     and marginals on all images."""
     from ttrv import metrics as M
     from ttrv.answers import INVALID, canonical_label
+    from ttrv.guard import signals
     from ttrv.tasks import LETTERS
 
     labels = [canonical_label(it.label, task) for it in items]
@@ -463,13 +489,20 @@ def summarize(
         }
 
     everything = list(range(len(items)))
+    heldout = [i for i in everything if i not in adapted]
     out: dict[str, Any] = {
         "all": scalars(everything),
-        "heldout": scalars([i for i in everything if i not in adapted]),
+        "heldout": scalars(heldout),
         "adapted": scalars(sorted(adapted)),
         "leak": ev.leak,
         "fallback": ev.fallback,
     }
+    # The guard's signals on the images not adapted on (label-free), for replaying a guard
+    # that watches unlabeled held-out images.
+    out["signals_heldout"] = signals(
+        [ev.greedy[i] for i in heldout],
+        positions=[ev.positions[i] for i in heldout if ev.positions[i] is not None],
+    ).to_dict()
     letters = [LETTERS[p] if p is not None else INVALID for p in ev.positions]
     gold_letters = [
         LETTERS[[canonical_label(o, task) for o in it.options].index(y)]
@@ -523,9 +556,13 @@ def _init_worker(
     threads: int,
 ) -> None:
     global _WORKER
+    import warnings
+
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
     torch.set_num_threads(threads)
     _WORKER = Worker(models, limits, rollout)
 
@@ -780,6 +817,89 @@ def letters_table(records: list[dict[str, Any]], model: str, setting: str, image
     return "\n".join(out)
 
 
+def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The --tune tables and the selections their pre-registered rules make (val labels only).
+
+    Config rule: among the `ttrv` / `frequency` settings, the highest mean over models of the
+    mean val greedy delta (unguarded); settings within 0.5 points of it count as tied and
+    the cheapest wins (fewer option orders, then lower learning rate, then fewer rounds).
+    Guard rule: the candidate with the fewest guarded runs ending more than 2 points below
+    their baseline, over every tune run; ties go to the highest mean guarded delta of the
+    selected config (fewest false alarms).
+    """
+    base = {(r["model"], r["seed"]): r["baseline"]["all"] for r in records if "baseline" in r}
+    runs = [r for r in records if "baseline" not in r]
+    models = sorted({r["model"] for r in runs})
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+
+    def delta(r: dict[str, Any], m: dict[str, Any], key: str = "greedy_acc") -> float:
+        return m["all"][key] - base[(r["model"], r["seed"])][key]
+
+    guarded: dict[tuple[str, int, str, str, bool], dict[str, Any]] = {}
+    for r in runs:
+        for g, cfg in GUARD_CANDIDATES.items():
+            for monitor in (False, True):
+                key = (r["model"], r["seed"], r["setting"], g, monitor)
+                guarded[key] = replay_record(r, cfg, monitor)
+
+    lines = ["| setting | " + " | ".join(f"{m}: greedy Δ / expected Δ / invalid" for m in models)
+             + " | guard trips (current) |", "|---|" + "---|" * (len(models) + 1)]
+    score: dict[str, float] = {}
+    for st in settings:
+        cells, per_model = [], []
+        trips = 0
+        for m in models:
+            rs = [r for r in runs if r["setting"] == st and r["model"] == m]
+            g = mean_std(delta(r, r["unguarded"]["metrics"]) for r in rs)
+            e = mean_std(delta(r, r["unguarded"]["metrics"], "expected_acc") for r in rs)
+            inv = statistics.fmean(r["unguarded"]["metrics"]["all"]["invalid_greedy"] for r in rs)
+            trips += sum(guarded[(m, r["seed"], st, "current", False)]["status"] != "done"
+                         for r in rs)
+            cells.append(f"{pts(g)} / {pts(e)} / {100 * inv:.0f}%")
+            per_model.append(g[0])
+        n = sum(1 for r in runs if r["setting"] == st)
+        lines.append(f"| {st} | " + " | ".join(cells) + f" | {trips}/{n} |")
+        if st.startswith(("ttrv-", "frequency-")):
+            score[st] = statistics.fmean(per_model)
+
+    def cost(st: str) -> tuple[int, int, float]:
+        over = TUNE_GRID[st][1]
+        optim = over.get("optim", {})
+        work = optim.get("rounds", 2) * over.get("rollout", {}).get("n_rollouts", 16)
+        return (work, over.get("task", {}).get("option_orders", 1), optim.get("learning_rate", 0))
+
+    best = max(score.values())
+    tied = [st for st, v in score.items() if v >= best - 0.005]
+    chosen = min(tied, key=cost)
+
+    glines = ["| guard | watches | runs ending < -2 pts (guarded) | trips | "
+              f"{chosen}: mean guarded Δ |", "|---|---|---|---|---|"]
+    gstats = {}
+    for g in GUARD_CANDIDATES:
+        for monitor in (False, True):
+            keys = [(r["model"], r["seed"], r["setting"], g, monitor) for r in runs]
+            harmful = sum(delta(r, guarded[k]["metrics"]) < -0.02
+                          for r, k in zip(runs, keys, strict=True))
+            trips = sum(guarded[k]["status"] != "done" for k in keys)
+            sel = statistics.fmean(
+                delta(r, guarded[(r["model"], r["seed"], chosen, g, monitor)]["metrics"])
+                for r in runs if r["setting"] == chosen)
+            gstats[(g, monitor)] = (harmful, -sel)
+            where = "held-out unlabeled images" if monitor else "adapted images (engine)"
+            glines.append(f"| {g} {GUARD_CANDIDATES[g]} | {where} | {harmful}/{len(runs)} | "
+                          f"{trips} | {100 * sel:+.1f} |")
+    engine_guard = min((k for k in gstats if not k[1]), key=lambda k: gstats[k])[0]
+    monitor_guard = min((k for k in gstats if k[1]), key=lambda k: gstats[k])[0]
+    guard = engine_guard
+    md = ("\n".join(lines) + "\n\n" + "\n".join(glines) + "\n\n"
+          + f"Selected config: **{chosen}** (mean val greedy Δ over models {100 * score[chosen]:+.1f}; "
+          + f"best {100 * best:+.1f}). Selected guard thresholds (engine signals): **{guard}** "
+          + f"{GUARD_CANDIDATES[guard]}; watching held-out images: **{monitor_guard}** "
+          + f"{GUARD_CANDIDATES[monitor_guard]}.")
+    return md, {"config": chosen, "guard": guard, "monitor_guard": monitor_guard,
+                "scores": score}
+
+
 # ---------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------
@@ -792,25 +912,16 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
         for m in models:
             for s in seeds:
                 jobs.append(Job(m, "none", s, args.images, split="val", setting="tune"))
-                for name, over in TUNE_GRID.items():
-                    jobs.append(
-                        Job(
-                            m,
-                            "default",
-                            s,
-                            args.images,
-                            split="val",
-                            setting=name,
-                            overrides=over,
-                            trajectory=True,
-                        )
-                    )
+                for name, (variant, over) in TUNE_GRID.items():
+                    jobs.append(Job(m, variant, s, args.images, split="val", setting=name,
+                                    overrides=over, trajectory=True))
         return jobs
     variants = args.variants or (QUICK_VARIANTS if args.quick else MAIN_VARIANTS)
     settings: dict[str, dict[str, Any]] = {"main": {}}
     if args.stress:
         settings = dict(STRESS_SETTINGS)
         variants = args.variants or STRESS_VARIANTS
+    guards = {"proposed": PROPOSED_GUARD} if PROPOSED_GUARD else {}
     for m in models:
         for s in seeds:
             for v in variants:
@@ -818,17 +929,8 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
                     jobs.append(Job(m, v, s, args.images))
                     continue
                 for name, over in settings.items():
-                    jobs.append(
-                        Job(
-                            m,
-                            v,
-                            s,
-                            args.images,
-                            setting=name,
-                            overrides=over,
-                            trajectory=args.stress,
-                        )
-                    )
+                    jobs.append(Job(m, v, s, args.images, setting=name, overrides=over,
+                                    guards=guards))
     return jobs
 
 
@@ -860,6 +962,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: by mode)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="rebuild the tables of a saved run file (runs nothing)")
     args = ap.parse_args(argv)
     if args.variants:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -879,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         models[key] = path
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     missing = [m for m in chosen if not Path(models.get(m, "")).is_dir()]
-    if missing:
+    if missing and not args.report:
         print(
             f"Model folders missing for {missing}: build them with "
             "`python scripts/make_demo_model.py` or pass --model KEY=PATH.",
@@ -894,45 +998,49 @@ def main(argv: list[str] | None = None) -> int:
         rollout = {"n_rollouts": 4, "n_train": 4, "max_new_tokens": 2}
         if not args.variants:
             args.variants = ["none", "default", "ttrv_paper"]
-    jobs = build_jobs(args, chosen)
     command = " ".join(["python -m bench.benchmark", *(sys.argv[1:] if argv is None else argv)])
-    t0 = time.perf_counter()
-    records = run_jobs(jobs, models, limits, rollout, args.workers)
-    elapsed = time.perf_counter() - t0
-    table = aggregate(records)
-    md = markdown(records, table, command.strip())
-    for m in chosen:
-        settings = sorted(
-            {
-                (r["setting"], r["images"])
-                for r in records
-                if r["model"] == m and "baseline" not in r
-            }
-        )
-        for setting, images in settings[:1]:
-            md += f"\n\n#### {m}: greedy accuracy by gold option letter ({setting}, K={images})\n\n"
-            md += letters_table(records, m, setting, images)
-    md += f"\n\nWall time {elapsed / 60:.1f} min ({args.workers} worker processes).\n"
+    name = args.out or ("dry" if args.dry else "quick" if args.quick else "stress" if args.stress
+                        else "tune" if args.tune else f"main-k{args.images}")
+    path = Path(name) if os.sep in name else RESULTS / name
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        records, elapsed, command = saved["runs"], saved["seconds"], saved["command"]
+        path = Path(args.report).with_suffix("")
+    else:
+        t0 = time.perf_counter()
+        records = run_jobs(build_jobs(args, chosen), models, limits, rollout, args.workers)
+        elapsed = time.perf_counter() - t0
+        if not args.no_write:  # the runs first: a failing report must not lose them
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"command": command, "seconds": elapsed, "runs": records}
+            path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1))
+    md, table = report(records, command, args.tune, elapsed, args.workers)
     print(md)
     if not args.no_write:
-        name = args.out or (
-            "dry"
-            if args.dry
-            else "quick"
-            if args.quick
-            else "stress"
-            if args.stress
-            else "tune"
-            if args.tune
-            else f"main-k{args.images}"
-        )
-        path = Path(name) if os.sep in name else RESULTS / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"command": command.strip(), "seconds": elapsed, "table": table, "runs": records}
+        payload = {"command": command, "seconds": elapsed, "table": table, "runs": records}
         path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1))
         path.with_suffix(".md").write_text(md)
         print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
     return 0
+
+
+def report(records: list[dict[str, Any]], command: str, tune: bool, elapsed: float,
+           workers: int) -> tuple[str, dict[str, Any]]:
+    """The markdown and the aggregated table of a set of runs."""
+    table = aggregate(records)
+    if tune:
+        md, selection = tune_report(records)
+        md = f"Command: `{command}`\n\n" + md
+        table = {"selection": selection, **table}
+    else:
+        md = markdown(records, table, command)
+        mains = sorted({(r["model"], r["setting"], r["images"]) for r in records
+                        if "baseline" not in r and r["setting"] == "main"})
+        for m, setting, images in mains:
+            md += f"\n\n#### {m}: greedy accuracy by gold option letter (K={images})\n\n"
+            md += letters_table(records, m, setting, images)
+    md += f"\n\nWall time {elapsed / 60:.1f} min ({workers} worker processes).\n"
+    return md, table
 
 
 def _jsonable(obj: Any) -> Any:
