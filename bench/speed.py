@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if args.quick else 6)
     engines = args.engine
     results = []
+    failed = False
     for label, folder, restrict in resolve_models(args.model):
         spec = Spec(
             model_dir=str(folder),
@@ -545,16 +546,27 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
         )
         runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+        errors: dict[str, str] = {}
         for _ in range(args.repeats):
             for engine in engines:
-                runs[engine].append(run_worker(engine, spec))
-        rows = [summarise(runs[e], spec.warmup) for e in engines]
-        print_table(label, spec, rows)
-        results.append({"spec": dataclasses.asdict(spec), "summary": rows, "runs": runs})
+                if engine in errors:
+                    continue
+                try:
+                    runs[engine].append(run_worker(engine, spec))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    # One engine failing (a missing extra, an OOM) must not lose the others.
+                    errors[engine] = str(exc)
+                    print(f"!! {label}: {exc}", file=sys.stderr)
+        rows = [summarise(runs[e], spec.warmup) for e in engines if runs[e]]
+        if rows:
+            print_table(label, spec, rows)
+        results.append({"spec": dataclasses.asdict(spec), "summary": rows, "runs": runs,
+                        "errors": errors})  # fmt: skip
+        failed = failed or bool(errors)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
 # GPU check on a lent CUDA machine, from a fresh copy of the repo:
 #
-#     bash scripts/gpu_check.sh            # ~5-10 min
-#     bash scripts/gpu_check.sh --quick    # 3 steps per run
+#     bash scripts/gpu_check.sh            # ~5-8 min
+#     bash scripts/gpu_check.sh --quick    # 3 steps per run, ~4 min
 #
-# Prints nvidia-smi, installs the requirements, runs `pytest -m gpu` (if any test has the
-# mark) and the speed benchmark (this engine vs TRL) on the larger config in bf16 and in
-# 4-bit (QLoRA), printing the figures; JSON results go to bench/out/gpu/.
+# Prints nvidia-smi and the versions, runs `pytest -m gpu` (tests/test_gpu.py: bf16 steps on
+# four families, 4-bit QLoRA with bitsandbytes on CUDA, adapter round trip, the bundled
+# model end to end) and the speed benchmark (this engine vs TRL) on the bundled model and
+# on the larger config, in bf16 and in 4-bit (QLoRA), printing the figures; JSON results
+# and the log go to bench/out/gpu/ (or $GPU_OUT).
 #
-# Assumptions (keep it simple):
-# - Linux x86_64, an NVIDIA driver, python3 >= 3.11 (PYTHON=... to choose another).
-# - torch: a python3 that already has a CUDA-enabled torch (an image with PyTorch, like the
-#   lent machines') keeps it - reinstalling torch==2.13.0 could pull a CPU build from a
-#   local wheel cache. Otherwise torch==2.13.0 is installed from PyPI, whose Linux x86_64
-#   wheel is the CUDA build; it needs a driver recent enough for that build's CUDA.
-# - The other requirements (requirements-bench.txt without the torch pin) are installed
-#   into the same python. Without network access pip fails; the script then carries on
-#   with whatever is installed and prints the versions, so a mismatch is visible.
-#   Never installs torchvision (an image may already have a CUDA build of it: that works).
+# Packages, in this order:
+# - Wheels in .whl/ (the lent machines have no network: download them here, see
+#   docs/performance.md) are unpacked into /tmp/ttrv-site and put first on PYTHONPATH.
+#   They must not include torch: the machine's CUDA build of torch is kept.
+# - Otherwise pip installs the requirements without the torch pin; offline, pip fails and
+#   the script carries on with what is installed, printing the versions.
+# - torch: a python3 that already has a CUDA-enabled torch keeps it (reinstalling
+#   torch==2.13.0 could pull a CPU build from a local wheel cache); never torchvision.
 # - Models are built locally from config (bench/out/models); nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=6
 [ "${1:-}" = "--quick" ] && STEPS=3
-OUT=bench/out/gpu
+OUT=${GPU_OUT:-bench/out/gpu}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 echo "== nvidia-smi"
@@ -35,17 +36,26 @@ if ! nvidia-smi; then
 fi
 
 echo "== install"
-if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "keeping the installed CUDA torch $($PY -c 'import torch; print(torch.__version__)')"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    SITE=/tmp/ttrv-site
+    rm -rf "$SITE" && mkdir -p "$SITE"
+    for w in .whl/*.whl; do
+        $PY -m zipfile -e "$w" "$SITE" && echo "unpacked $(basename "$w")"
+    done
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-    $PY -m pip install -q torch==2.13.0 || echo "!! could not install torch==2.13.0" >&2
+    if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "keeping the installed CUDA torch $($PY -c 'import torch; print(torch.__version__)')"
+    else
+        $PY -m pip install -q torch==2.13.0 || echo "!! could not install torch==2.13.0" >&2
+    fi
+    REQ=$(mktemp)
+    grep -hv -e '^[[:space:]]*-r' -e '^[[:space:]]*torch==' -e '^[[:space:]]*#' -e '^[[:space:]]*$' \
+        requirements.txt requirements-dev.txt requirements-bench.txt >"$REQ"
+    $PY -m pip install -q -r "$REQ" ||
+        echo "!! pip install failed (offline?): carrying on with the installed packages" >&2
+    rm -f "$REQ"
 fi
-REQ=$(mktemp)
-grep -hv -e '^[[:space:]]*-r' -e '^[[:space:]]*torch==' -e '^[[:space:]]*#' -e '^[[:space:]]*$' \
-    requirements.txt requirements-dev.txt requirements-bench.txt >"$REQ"
-$PY -m pip install -q -r "$REQ" ||
-    echo "!! pip install failed (offline?): carrying on with the installed packages" >&2
-rm -f "$REQ"
 $PY - <<'EOF'
 import importlib
 import torch
@@ -67,7 +77,7 @@ fi
 
 STATUS=0
 echo "== pytest -m gpu"
-$PY -m pytest -q -m gpu
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 rc=$?
 if [ $rc -eq 5 ]; then
     echo "(no test is marked gpu)"
@@ -75,17 +85,18 @@ elif [ $rc -ne 0 ]; then
     STATUS=1
 fi
 
-ENGINES="ours proposed trl"
+ENGINES="ours trl"
 if ! $PY -c 'import trl' 2>/dev/null; then
     echo "!! trl is not importable: timing this engine only" >&2
-    ENGINES="ours proposed"
+    ENGINES="ours"
 fi
+echo "== speed: bundled model, CUDA, bf16, $STEPS steps"
+timeout 150 $PY -m bench.speed --model bundled --engine $ENGINES --device cuda --dtype bfloat16 \
+    --steps "$STEPS" --json "$OUT/speed-bundled-bf16.json" || STATUS=1
 for QUANT in none 4bit; do
     echo "== speed: large config, CUDA, bf16, quantization $QUANT, $STEPS steps"
-    $PY -m bench.speed --model large --engine $ENGINES --device cuda --dtype bfloat16 \
+    timeout 150 $PY -m bench.speed --model large --engine $ENGINES --device cuda --dtype bfloat16 \
         --quantization "$QUANT" --steps "$STEPS" --json "$OUT/speed-bf16-$QUANT.json" || STATUS=1
 done
-echo "== speed: bundled model, CUDA, bf16, $STEPS steps"
-$PY -m bench.speed --model bundled --engine $ENGINES --device cuda --dtype bfloat16 \
-    --steps "$STEPS" --json "$OUT/speed-bundled-bf16.json" || STATUS=1
+echo "== done, status $STATUS"
 exit $STATUS
