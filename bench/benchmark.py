@@ -46,89 +46,150 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ttrv.answers import INVALID
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODELS = {
     "base": ROOT / "models" / "ttrv-digits-llava",
     "offformat": ROOT / "models" / "ttrv-digits-llava-offformat",
 }
-OFF = {"guard": {"guard": False}}
 
-# Each variant: AdaptConfig overrides on top of the defaults (with the multiple-choice task).
-# `guard` in the overrides decides which outcome (guarded / unguarded) is the headline one;
-# both are always reported.
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+OFF = {"guard": {"guard": False}}
+# The AdaptConfig defaults before this benchmark's tuning (ttrv/config.py until e5c5f3f).
+PRE_TUNING = {
+    "task": {"option_orders": 1},
+    "optim": {"learning_rate": 2e-4},
+    "guard": {"max_marginal_entropy_drop": 0.35, "max_invalid_rise": 0.10},
+}
+O1 = {"task": {"option_orders": 1}}
+
+# Each variant: AdaptConfig overrides on top of the current defaults (with the
+# multiple-choice task). `guard` in the overrides decides which outcome (guarded /
+# unguarded) is the variant's headline; both are always reported.
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": None,
+    "default": {},  # AdaptConfig() as it stands, guard on
+    "pre_tuning": PRE_TUNING,  # the defaults before tuning, guard on
     # The reference code's reward: p(a) - 0.75 * H / log M, INVALID an ordinary answer,
-    # per-image normalisation (the entropy term cancels); no guard (the reference has none).
-    "ttrv_paper": {"reward": {"reward": "ttrv_paper"}, **OFF},
-    "default": {},  # AdaptConfig() defaults, guard on
+    # per-image normalisation (the entropy term cancels), letters voted as shown; no guard.
+    "ttrv_paper": {"reward": {"reward": "ttrv_paper"}, **O1, **OFF},
+    # Frequency with per-image advantages = our ttrv reward with group scope (the entropy
+    # term cancels). Against ttrv_paper: only invalid answers differ (they never win here).
+    "frequency_o1": {"reward": {"reward": "frequency"}, **O1, **OFF},
+    # ... then content voting (the default's 4 option orders); against default: the scope.
     "frequency": {"reward": {"reward": "frequency"}, **OFF},
-    "majority": {"reward": {"reward": "majority"}, **OFF},
+    "majority": {"reward": {"reward": "majority"}, **OFF},  # TTRL
     "entropy": {"reward": {"reward": "entropy"}, **OFF},
-    "random": {"reward": {"reward": "random"}, **OFF},
-    # What the numbers support (see docs/benchmark.md); set after --tune.
-    "proposed": {"task": {"option_orders": 4}},
+    "random": {"reward": {"reward": "random"}, **OFF},  # control
 }
 MAIN_VARIANTS = list(VARIANTS)
-QUICK_VARIANTS = ["none", "ttrv_paper", "default", "proposed"]
+QUICK_VARIANTS = ["none", "default", "ttrv_paper"]
 
-# --stress: pushed settings (each on top of the variant's own config).
+# --stress: pushed settings on top of each variant (the default: lr 3e-3, 2 rounds, K=20).
 STRESS_SETTINGS: dict[str, dict[str, Any]] = {
-    "lr1e-3": {"optim": {"learning_rate": 1e-3}},
-    "lr3e-3": {"optim": {"learning_rate": 3e-3}},
-    "lr1e-3-8rounds": {"optim": {"learning_rate": 1e-3, "rounds": 8}},
-    "lr1e-3-200img": {"optim": {"learning_rate": 1e-3}, "images": 200},
+    "lr1e-2": {"optim": {"learning_rate": 1e-2}},
+    "lr3e-2": {"optim": {"learning_rate": 3e-2}},
+    "8rounds": {"optim": {"rounds": 8}},
 }
-STRESS_VARIANTS = [
-    "none",
-    "ttrv_paper",
-    "default",
-    "frequency",
-    "majority",
-    "entropy",
-    "random",
-    "proposed",
-]
+STRESS_VARIANTS = ["none", "default", "ttrv_paper", "frequency", "majority", "entropy", "random"]
+
+# A guard the engine does not have yet, replayed next to the engine's default everywhere:
+# GuardConfig thresholds plus `max_changed_answers`, the share of adapted images whose valid
+# greedy answer changed to another valid answer since before adaptation (a behavioural
+# trust region; see docs/benchmark.md for how it was chosen on the val split).
+PROPOSED_GUARD: dict[str, Any] = {
+    "max_marginal_entropy_drop": 0.1,
+    "max_invalid_rise": 0.1,
+    "max_changed_answers": 0.15,
+}
+
 
 # --tune: the val-split grid, name -> (variant, overrides). Adapt on 20 of the 100 val
 # images, score on all 100; every round is evaluated so that guard settings can be replayed.
-TUNE_GRID: dict[str, tuple[str, dict[str, Any]]] = {
+_TUNE_GRID: dict[str, tuple[str, dict[str, Any]]] = {
     **{
-        f"ttrv-o{o}-lr{lr}": ("default", {"task": {"option_orders": o},
-                                            "optim": {"learning_rate": float(lr)}})
+        f"ttrv-o{o}-lr{lr}": (
+            "default",
+            {"task": {"option_orders": o}, "optim": {"learning_rate": float(lr)}},
+        )
         for o in (1, 4)
         for lr in ("2e-4", "1e-3", "3e-3")
     },
     "frequency-o1-lr1e-3": ("frequency", {"optim": {"learning_rate": 1e-3}}),
-    "frequency-o4-lr1e-3": ("frequency", {"task": {"option_orders": 4},
-                                          "optim": {"learning_rate": 1e-3}}),
-    "ttrv-o4-lr1e-3-r4": ("default", {"task": {"option_orders": 4},
-                                      "optim": {"learning_rate": 1e-3, "rounds": 4}}),
-    "ttrv-o4-lr3e-3-r4": ("default", {"task": {"option_orders": 4},
-                                      "optim": {"learning_rate": 3e-3, "rounds": 4}}),
-    "ttrv-o4-lr1e-2": ("default", {"task": {"option_orders": 4},
-                                   "optim": {"learning_rate": 1e-2}}),
-    "ttrv-o4-lr3e-3-n8": ("default", {"task": {"option_orders": 4},
-                                      "optim": {"learning_rate": 3e-3},
-                                      "rollout": {"n_rollouts": 8, "n_train": 8}}),
-    "frequency-o4-lr3e-3": ("frequency", {"task": {"option_orders": 4},
-                                          "optim": {"learning_rate": 3e-3}}),
+    "frequency-o4-lr1e-3": (
+        "frequency",
+        {"task": {"option_orders": 4}, "optim": {"learning_rate": 1e-3}},
+    ),
+    "ttrv-o4-lr1e-3-r4": (
+        "default",
+        {"task": {"option_orders": 4}, "optim": {"learning_rate": 1e-3, "rounds": 4}},
+    ),
+    "ttrv-o4-lr3e-3-r4": (
+        "default",
+        {"task": {"option_orders": 4}, "optim": {"learning_rate": 3e-3, "rounds": 4}},
+    ),
+    "ttrv-o4-lr1e-2": ("default", {"task": {"option_orders": 4}, "optim": {"learning_rate": 1e-2}}),
+    "ttrv-o4-lr3e-3-n8": (
+        "default",
+        {
+            "task": {"option_orders": 4},
+            "optim": {"learning_rate": 3e-3},
+            "rollout": {"n_rollouts": 8, "n_train": 8},
+        },
+    ),
+    "frequency-o4-lr3e-3": (
+        "frequency",
+        {"task": {"option_orders": 4}, "optim": {"learning_rate": 3e-3}},
+    ),
     # pushed runs of the other rewards, for choosing the guard's thresholds
-    **{f"{v}-lr3e-3-r4": (v, {"optim": {"learning_rate": 3e-3, "rounds": 4}})
-       for v in ("ttrv_paper", "majority", "entropy", "random")},
+    **{
+        f"{v}-lr3e-3-r4": (v, {"optim": {"learning_rate": 3e-3, "rounds": 4}})
+        for v in ("ttrv_paper", "majority", "entropy", "random")
+    },
 }
+# Pinned to the pre-tuning defaults, so the grid means the same whatever the defaults are.
+TUNE_GRID = {k: (v, deep_merge(PRE_TUNING, over)) for k, (v, over) in _TUNE_GRID.items()}
 # Guard settings replayed on every tune run (GuardConfig fields).
-GUARD_CANDIDATES: dict[str, dict[str, Any]] = {
-    "current": {},
-    "drop0.2": {"max_marginal_entropy_drop": 0.2},
-    "drop0.1": {"max_marginal_entropy_drop": 0.1},
-    "drop0.2-inv0.05": {"max_marginal_entropy_drop": 0.2, "max_invalid_rise": 0.05},
-    "drop0.1-inv0.05": {"max_marginal_entropy_drop": 0.1, "max_invalid_rise": 0.05},
-    "drop0.05-inv0.05": {"max_marginal_entropy_drop": 0.05, "max_invalid_rise": 0.05},
-}
-# The guard setting recommended by --tune (replayed next to the current one everywhere).
-PROPOSED_GUARD: dict[str, Any] = {}
+GUARD_CANDIDATES: dict[str, dict[str, Any]] = (
+    {
+        f"drop{d}-inv{i}" + (f"-changed{c}" if c else ""): {
+            "max_marginal_entropy_drop": d,
+            "max_invalid_rise": i,
+            **({"max_changed_answers": c} if c else {}),
+        }
+        for d, i in ((0.35, 0.10), (0.1, 0.10), (0.1, 0.05), (0.05, 0.05))
+        for c in (None, 0.1, 0.15, 0.25)
+    }
+    | {
+        f"drop0.1-inv0.1-letters{p}": {
+            "max_marginal_entropy_drop": 0.1,
+            "max_invalid_rise": 0.1,
+            "max_position_entropy_drop": p,
+        }
+        for p in (0.02, 0.03, 0.05, 0.08)
+    }
+    | {
+        f"drop0.1-inv0.1{'-changed0.15' if c else ''}-to-start": {
+            "max_marginal_entropy_drop": 0.1,
+            "max_invalid_rise": 0.1,
+            "rollback": "start",
+            **({"max_changed_answers": 0.15} if c else {}),
+        }
+        for c in (False, True)
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,16 +212,6 @@ class Job:
     @property
     def key(self) -> tuple[str, str, str, int, int, str]:
         return (self.model, self.setting, self.variant, self.images, self.seed, self.split)
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def job_config(job: Job, model_path: str, rollout: dict[str, Any] | None = None) -> Any:
@@ -327,7 +378,9 @@ class Worker:
             if r not in evals:
                 load_adapter_state(model, recorder.rounds[r - 1]["weights"])
                 evals[r] = ev.evaluate(model)
-            return summarize(evals[r], items, cfg.task, adapted, n_votes, full=full)
+            return summarize(
+                evals[r], items, cfg.task, adapted, n_votes, full=full, reference=base_eval
+            )
 
         record["unguarded"] = {"round": n_rounds, "metrics": at_round(n_rounds, True)}
         for name, g in {"guarded": _asdict(cfg.guard), **job.guards}.items():
@@ -393,47 +446,95 @@ class RoundRecorder:
         }
 
 
-def replay_signals(base: Any, rounds: list[Any], guard: dict[str, Any]) -> dict[str, Any]:
+def changed_share(before: list[str], after: list[str]) -> float:
+    """Share of the images with a valid answer before whose answer is now another valid one.
+
+    >>> changed_share(["1", "2", INVALID, "4"], ["1", "3", "5", INVALID])
+    0.3333333333333333
+    """
+    valid = [i for i, a in enumerate(before) if a != INVALID]
+    moved = sum(after[i] != before[i] and after[i] != INVALID for i in valid)
+    return moved / len(valid) if valid else 0.0
+
+
+def replay_signals(
+    base: Any, rounds: list[Any], guard: dict[str, Any], changed: list[float] | None = None
+) -> dict[str, Any]:
     """Where `adapt`'s guard loop ends, given the guard signals before and after each round.
 
     Mirrors `ttrv.adapt.adapt`: after round k, `check` the signals against those before; on
     a trip, roll back to the best round so far by `score` (round 0 = the fresh adapter) and
     stop; otherwise go on to the end. Returns the round whose weights the run ends with.
+    `guard` holds GuardConfig fields, plus optionally `max_changed_answers` (not an engine
+    setting yet): also trip when `changed[k-1]` (see `changed_share`) exceeds it; and
+    `max_position_entropy_drop`: a separate (tighter) bound for the option-letter spread;
+    `rollback="start"`: on a trip, go back to the fresh adapter instead of the best round.
     """
     from ttrv.config import GuardConfig
     from ttrv.guard import check, score
 
+    guard = dict(guard)
+    max_changed = guard.pop("max_changed_answers", None)
+    max_position_drop = guard.pop("max_position_entropy_drop", None)
+    to_start = guard.pop("rollback", "best") == "start"
     cfg = GuardConfig(**{**guard, "guard": True})  # replayed for every variant
     best_round, best_score = 0, score(base, base)
     verdicts: list[str] = []
     for k, now in enumerate(rounds, start=1):
-        verdict = check(base, now, cfg)
-        verdicts.append(verdict.reason)
-        if verdict.tripped:
-            return {"round": best_round, "status": "guard_stopped", "reason": verdict.reason,
-                    "tripped_at": k, "verdicts": verdicts}
+        reasons = [check(base, now, cfg).reason]
+        if max_changed is not None and changed is not None and changed[k - 1] > max_changed:
+            reasons.append(f"{changed[k - 1]:.0%} of the answers changed (> {max_changed:.0%})")
+        if max_position_drop is not None and base.position_entropy and now.position_entropy:
+            drop = 1 - now.position_entropy / base.position_entropy
+            if drop > max_position_drop:
+                reasons.append(f"the spread of chosen option letters fell by {drop:.1%}")
+        reason = "; ".join(r for r in reasons if r)
+        verdicts.append(reason)
+        if reason:
+            return {
+                "round": 0 if to_start else best_round,
+                "status": "guard_stopped",
+                "reason": reason,
+                "tripped_at": k,
+                "verdicts": verdicts,
+            }
         s = score(base, now)
         if s >= best_score:
             best_round, best_score = k, s
-    return {"round": len(rounds), "status": "done", "reason": "", "tripped_at": None,
-            "verdicts": verdicts}
+    return {
+        "round": len(rounds),
+        "status": "done",
+        "reason": "",
+        "tripped_at": None,
+        "verdicts": verdicts,
+    }
 
 
-def replay_guard(task: Any, items: list[Any], before: list[Any], rounds: list[dict[str, Any]],
-                 guard: dict[str, Any]) -> dict[str, Any]:
+def replay_guard(
+    task: Any,
+    items: list[Any],
+    before: list[Any],
+    rounds: list[dict[str, Any]],
+    guard: dict[str, Any],
+) -> dict[str, Any]:
     """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
     images (`ttrv.adapt.greedy_signals`, as `adapt` computes them) before and after each
     round. Answers are the sink's dicts or plain strings."""
     from ttrv.adapt import greedy_signals
 
+    def answers(xs: list[Any]) -> list[str]:
+        return [x["answer"] if isinstance(x, dict) else x for x in xs]
+
     def signals(xs: list[Any]) -> Any:
-        return greedy_signals(task, items, [x if isinstance(x, dict) else {"answer": x} for x in xs])
+        return greedy_signals(task, items, [{"answer": a} for a in answers(xs)])
 
-    return replay_signals(signals(before), [signals(r["answers"]) for r in rounds], guard)
+    changed = [changed_share(answers(before), answers(r["answers"])) for r in rounds]
+    return replay_signals(signals(before), [signals(r["answers"]) for r in rounds], guard, changed)
 
 
-def replay_record(record: dict[str, Any], guard: dict[str, Any], monitor: bool = False
-                  ) -> dict[str, Any]:
+def replay_record(
+    record: dict[str, Any], guard: dict[str, Any], monitor: bool = False
+) -> dict[str, Any]:
     """Replay a guard setting on a stored run (needs its `trajectory`): the round it ends
     on and that round's metrics. `monitor`: the guard watches the greedy answers of the
     images *not* adapted on (unlabeled, label-free signals) instead of the adapted ones, a
@@ -444,8 +545,10 @@ def replay_record(record: dict[str, Any], guard: dict[str, Any], monitor: bool =
 
     traj = record["trajectory"]
     if monitor:
-        sig = [Signals(**traj[str(r)]["signals_heldout"]) for r in range(len(record["rounds"]) + 1)]
-        rep = replay_signals(sig[0], sig[1:], guard)
+        n = len(record["rounds"])
+        sig = [Signals(**traj[str(r)]["signals_heldout"]) for r in range(n + 1)]
+        changed = [traj[str(r)].get("changed_heldout", 0.0) for r in range(1, n + 1)]
+        rep = replay_signals(sig[0], sig[1:], guard, changed)
     else:
         task = TaskConfig(**record["config"]["task"])
         items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
@@ -460,7 +563,13 @@ def replay_record(record: dict[str, Any], guard: dict[str, Any], monitor: bool =
 
 
 def summarize(
-    ev: Any, items: list[Any], task: Any, adapted: set[int], n_votes: int, full: bool
+    ev: Any,
+    items: list[Any],
+    task: Any,
+    adapted: set[int],
+    n_votes: int,
+    full: bool,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Scalar metrics on all / held-out / adapted images; with `full`, per-answer accuracy
     and marginals on all images."""
@@ -503,6 +612,10 @@ def summarize(
         [ev.greedy[i] for i in heldout],
         positions=[ev.positions[i] for i in heldout if ev.positions[i] is not None],
     ).to_dict()
+    if reference is not None:  # label-free: how many held-out answers moved since `reference`
+        out["changed_heldout"] = changed_share(
+            [reference.greedy[i] for i in heldout], [ev.greedy[i] for i in heldout]
+        )
     letters = [LETTERS[p] if p is not None else INVALID for p in ev.positions]
     gold_letters = [
         LETTERS[[canonical_label(o, task) for o in it.options].index(y)]
@@ -535,7 +648,9 @@ def collapse_flags(metrics: dict[str, Any], base: dict[str, Any]) -> list[str]:
     if shape["top_letter_share"] >= 0.6:
         flags.append(f"one letter for {shape['top_letter_share']:.0%} of images")
     rise = all_["invalid_greedy"] - base["all"]["invalid_greedy"]
-    if all_["invalid_greedy"] >= 0.5 and rise >= 0.1:
+    if all_["invalid_greedy"] >= 0.5 and (
+        rise >= 0.1 or (all_["invalid_greedy"] >= 0.99 and rise > 0)
+    ):
         flags.append(
             f"invalid output {base['all']['invalid_greedy']:.0%} -> {all_['invalid_greedy']:.0%}"
         )
@@ -636,18 +751,34 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
 
 
-def outcome(rec: dict[str, Any], guarded: bool | None = None) -> dict[str, Any]:
-    """The metrics a run ends with: headline (the variant's own guard setting), guarded or
-    unguarded."""
+MODES = ("headline", "unguarded", "guarded", "proposed")
+
+
+def outcome(rec: dict[str, Any], mode: str = "headline") -> dict[str, Any]:
+    """The metrics a run ends with. headline: the variant's own guard setting; unguarded;
+    guarded: the engine's guard (replayed); proposed: PROPOSED_GUARD (replayed)."""
     if "baseline" in rec:
         return rec["baseline"]
-    if guarded is None:
-        guarded = rec["config"]["guard"]["guard"]
-    return rec["guarded"]["metrics"] if guarded else rec["unguarded"]["metrics"]
+    if mode == "headline":
+        on = rec["config"]["guard"]["guard"] if "config" in rec else rec["guard_on"]
+        mode = "guarded" if on else "unguarded"
+    key = {"unguarded": "unguarded", "guarded": "guarded", "proposed": "guarded_proposed"}[mode]
+    entry = rec[key]
+    if "metrics" in entry:
+        return entry["metrics"]
+    if entry["round"] == rec["unguarded"]["round"]:  # stored once (see `compact`)
+        return rec["unguarded"]["metrics"]
+    return rec["trajectory"][str(entry["round"])]
+
+
+def status(rec: dict[str, Any], mode: str) -> str:
+    key = {"guarded": "guarded", "proposed": "guarded_proposed"}.get(mode)
+    return rec[key]["status"] if key else "done"
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (model, setting, images, variant): paired deltas against the same seed's baseline."""
+    """Per (model, setting, images, variant): paired deltas against the same seed's baseline,
+    for each outcome mode, plus collapse and guard counts."""
     base = {(r["model"], r["split"], r["seed"]): r["baseline"] for r in records if "baseline" in r}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
@@ -661,47 +792,48 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             "variant": variant,
             "seeds": sorted(r["seed"] for r in recs),
         }
-        modes = (
-            {"headline": None}
-            if "baseline" in recs[0]
-            else {"headline": None, "guarded": True, "unguarded": False}
-        )
-        for mode, g in modes.items():
+        adaptive = "baseline" not in recs[0]
+        for mode in MODES if adaptive else ("headline",):
+            if adaptive and mode == "proposed" and "guarded_proposed" not in recs[0]:
+                continue
             stats: dict[str, Any] = {}
             for scope in ("all", "heldout"):
                 for m in SCALARS:
-                    vals = [outcome(r, g)[scope][m] for r in recs]
-                    deltas = [
-                        outcome(r, g)[scope][m] - base[(model, r["split"], r["seed"])][scope][m]
-                        for r in recs
-                    ]
+                    vals = [outcome(r, mode)[scope][m] for r in recs]
+                    bases = [base[(model, r["split"], r["seed"])][scope][m] for r in recs]
                     stats[f"{scope}.{m}"] = mean_std(vals)
-                    stats[f"{scope}.{m}.delta"] = mean_std(deltas)
-            if "baseline" not in recs[0]:
+                    stats[f"{scope}.{m}.delta"] = mean_std(
+                        v - b for v, b in zip(vals, bases, strict=True)
+                    )
+            if adaptive:
                 flags = [
-                    collapse_flags(outcome(r, g), base[(model, r["split"], r["seed"])])
+                    collapse_flags(outcome(r, mode), base[(model, r["split"], r["seed"])])
                     for r in recs
                 ]
                 stats["collapsed"] = sum(bool(f) for f in flags)
                 stats["collapse_flags"] = [f for f in flags if f]
-                deltas = stats["all.greedy_acc.delta"]
                 stats["worst_delta"] = min(
-                    outcome(r, g)["all"]["greedy_acc"]
+                    outcome(r, mode)["all"]["greedy_acc"]
                     - base[(model, r["split"], r["seed"])]["all"]["greedy_acc"]
                     for r in recs
                 )
-                del deltas
+                stats["trips"] = sum(status(r, mode) == "guard_stopped" for r in recs)
+                rkey = {"guarded": "guarded", "proposed": "guarded_proposed"}.get(mode)
+                stats["reasons"] = sorted(
+                    {r[rkey]["reason"] for r in recs if rkey and r[rkey]["reason"]}
+                )
+                # collapses of the unguarded run that this mode's guard tripped on
+                stats["caught"] = sum(
+                    bool(
+                        collapse_flags(
+                            outcome(r, "unguarded"), base[(model, r["split"], r["seed"])]
+                        )
+                    )
+                    and status(r, mode) == "guard_stopped"
+                    for r in recs
+                )
             row[mode] = stats
-        if "baseline" not in recs[0]:
-            row["guard_trips"] = sum(r["guarded"]["status"] == "guard_stopped" for r in recs)
-            row["guard_reasons"] = sorted(
-                {r["guarded"]["reason"] for r in recs if r["guarded"]["reason"]}
-            )
-            row["unguarded_collapses_caught"] = sum(
-                bool(collapse_flags(outcome(r, False), base[(model, r["split"], r["seed"])]))
-                and r["guarded"]["status"] == "guard_stopped"
-                for r in recs
-            )
+        if adaptive:
             row["seconds_adapt"] = statistics.fmean(r["seconds_adapt"] for r in recs)
             row["leak_max"] = max(outcome(r)["leak"] for r in recs)
             row["fallback_max"] = max(outcome(r)["fallback"] for r in recs)
@@ -718,7 +850,7 @@ def paired_vs(
     images: int,
     metric: str = "greedy_acc",
 ) -> tuple[float, float, int]:
-    """mean +- std over seeds of (variant a - variant b) on all images (headline outcomes)."""
+    """mean +- std over seeds of (variant a - variant b), headline outcomes, all images."""
     by = {
         (r["variant"], r["seed"]): r
         for r in records
@@ -737,54 +869,136 @@ def pts(ms: tuple[float, float, int], signed: bool = True) -> str:
     return f"{100 * m:+.1f} ± {100 * s:.1f}" if signed else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+def _rows(table: dict[str, Any], model: str, setting: str, images: int) -> list[dict[str, Any]]:
+    rows = [
+        row
+        for row in table.values()
+        if row["model"] == model
+        and row["setting"] == setting
+        and row["images"] == images
+        and row["variant"] != "none"
+    ]
+    return sorted(rows, key=lambda r: MAIN_VARIANTS.index(r["variant"]))
+
+
 def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str) -> str:
-    lines = [f"Command: `{command}`", ""]
+    """Main tables: per model and setting, every variant against its paired baseline."""
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "Deltas in points against the same seed's unadapted baseline (same options), "
+        "mean ± std over seeds, on all test images unless marked held-out (the images "
+        "not adapted on). *Headline* = the variant's own guard setting (on for "
+        "default / pre_tuning, off for the others). Guard columns: the run replayed "
+        "with the engine's guard (GuardConfig defaults) and with the proposed guard "
+        f"{PROPOSED_GUARD}.",
+        "",
+    ]
     keys = sorted({(r["model"], r["setting"], r["images"]) for r in records if "baseline" not in r})
     for model, setting, images in keys:
-        rows = [
-            row
-            for row in table.values()
-            if row["model"] == model and row["setting"] == setting and row["images"] == images
-        ]
         base_rows = [
             row for row in table.values() if row["model"] == model and row["variant"] == "none"
         ]
-        lines.append(f"### {model}: setting {setting}, adapt on K={images} unlabeled test images")
-        lines.append("")
+        lines += [f"### {model}: {setting}, adapt on K={images} unlabeled test images", ""]
         if base_rows:
             b = base_rows[0]["headline"]
+            lines += [
+                f"Baseline (no adaptation; mean ± std over {len(base_rows[0]['seeds'])} "
+                f"option draws): greedy {pts(b['all.greedy_acc'], False)}, expected "
+                f"{pts(b['all.expected_acc'], False)}, maj@N {pts(b['all.maj_acc'], False)}, "
+                f"entropy {b['all.entropy'][0]:.2f} nats, invalid greedy "
+                f"{pts(b['all.invalid_greedy'], False)} %.",
+                "",
+            ]
+        lines += [
+            "| variant | seeds | greedy Δ | greedy Δ held-out | expected Δ | maj@N Δ | "
+            "entropy | invalid | guard off: greedy Δ | engine guard: greedy Δ (trips) | "
+            "proposed guard: greedy Δ (trips) | worst run (engine / proposed guard) | "
+            "collapses (off / engine / proposed) |",
+            "|" + "---|" * 13,
+        ]
+        for row in _rows(table, model, setting, images):
+            h, ug, gd = row["headline"], row["unguarded"], row["guarded"]
+            pr = row.get("proposed", gd)
+            n = len(row["seeds"])
             lines.append(
-                f"Baseline (no adaptation, {len(base_rows[0]['seeds'])} option draws): greedy "
-                f"{pts(b['all.greedy_acc'], False)}, expected {pts(b['all.expected_acc'], False)}, "
-                f"maj@N {pts(b['all.maj_acc'], False)}, invalid (greedy) "
-                f"{pts(b['all.invalid_greedy'], False)} %."
-            )
-            lines.append("")
-        lines.append(
-            "Deltas in points vs the same seed's baseline, mean ± std over seeds. "
-            "*Headline* = the variant's own guard setting (on for default / proposed, "
-            "off for the others); the guard columns replay the engine's guard."
-        )
-        lines.append("")
-        lines.append(
-            "| variant | seeds | greedy Δ (all 797) | greedy Δ (held-out) | expected Δ | "
-            "maj@N Δ | entropy | invalid | greedy Δ guard off | greedy Δ guard on | "
-            "worst guarded | guard trips | collapses (off / on) |"
-        )
-        lines.append("|" + "---|" * 13)
-        for row in sorted(rows, key=lambda r: MAIN_VARIANTS.index(r["variant"])):
-            if row["variant"] == "none":
-                continue
-            h, gd, ug = row["headline"], row["guarded"], row["unguarded"]
-            lines.append(
-                f"| {row['variant']} | {len(row['seeds'])} | {pts(h['all.greedy_acc.delta'])} | "
+                f"| {row['variant']} | {n} | {pts(h['all.greedy_acc.delta'])} | "
                 f"{pts(h['heldout.greedy_acc.delta'])} | {pts(h['all.expected_acc.delta'])} | "
                 f"{pts(h['all.maj_acc.delta'])} | {h['all.entropy'][0]:.2f} | "
                 f"{100 * h['all.invalid_greedy'][0]:.1f}% | {pts(ug['all.greedy_acc.delta'])} | "
-                f"{pts(gd['all.greedy_acc.delta'])} | {100 * gd['worst_delta']:+.1f} | "
-                f"{row['guard_trips']}/{len(row['seeds'])} | {ug['collapsed']} / {gd['collapsed']} |"
+                f"{pts(gd['all.greedy_acc.delta'])} ({gd['trips']}/{n}) | "
+                f"{pts(pr['all.greedy_acc.delta'])} ({pr['trips']}/{n}) | "
+                f"{100 * gd['worst_delta']:+.1f} / {100 * pr['worst_delta']:+.1f} | "
+                f"{ug['collapsed']} / {gd['collapsed']} / {pr['collapsed']} |"
             )
         lines.append("")
+        if setting == "main":
+            lines += paired_table(records, model, setting, images)
+    return "\n".join(lines)
+
+
+def paired_table(records: list[dict[str, Any]], model: str, setting: str, images: int) -> list[str]:
+    """default minus each other variant, per seed (headline outcomes), mean ± std."""
+    variants = [
+        v
+        for v in MAIN_VARIANTS
+        if v not in ("none", "default")
+        and any(
+            r["variant"] == v
+            and r["model"] == model
+            and r["setting"] == setting
+            and r["images"] == images
+            for r in records
+        )
+    ]
+    if not variants:
+        return []
+    out = [
+        "Paired: default minus each variant, same seed (greedy / expected, points):",
+        "",
+        "| vs | greedy | expected |",
+        "|---|---|---|",
+    ]
+    for v in variants:
+        g = paired_vs(records, "default", v, model, setting, images)
+        e = paired_vs(records, "default", v, model, setting, images, "expected_acc")
+        out.append(f"| {v} | {pts(g)} | {pts(e)} |")
+    return out + [""]
+
+
+def stress_markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str) -> str:
+    """Stress tables: greedy Δ without guard, with the engine's guard and the proposed one;
+    worst run, trips and collapses per (model, setting, variant)."""
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "Greedy accuracy change on all test images (points, mean ± std over seeds, paired "
+        "with each seed's baseline). Worst = the lowest single run. Collapses are judged "
+        "on the test outputs without labels (one answer for >= 50% of images, one letter "
+        "for >= 60%, or invalid output >= 50% and up >= 10 points or >= 99% and up at "
+        "all); *caught* = the "
+        "unguarded run collapsed and the guard tripped.",
+        "",
+        "| model | setting | variant | guard off | engine guard | proposed guard | worst "
+        "(off / engine / proposed) | trips (engine / proposed) | collapses off | "
+        "caught (engine / proposed) | collapses left (engine / proposed) |",
+        "|" + "---|" * 11,
+    ]
+    keys = sorted({(r["model"], r["setting"], r["images"]) for r in records if "baseline" not in r})
+    for model, setting, images in keys:
+        for row in _rows(table, model, setting, images):
+            ug, gd = row["unguarded"], row["guarded"]
+            pr = row.get("proposed", gd)
+            n = len(row["seeds"])
+            label = setting if setting != "main" else f"K={images}"
+            lines.append(
+                f"| {model} | {label} | {row['variant']} | {pts(ug['all.greedy_acc.delta'])} | "
+                f"{pts(gd['all.greedy_acc.delta'])} | {pts(pr['all.greedy_acc.delta'])} | "
+                f"{100 * ug['worst_delta']:+.1f} / {100 * gd['worst_delta']:+.1f} / "
+                f"{100 * pr['worst_delta']:+.1f} | {gd['trips']}/{n} / {pr['trips']}/{n} | "
+                f"{ug['collapsed']}/{n} | {gd['caught']} / {pr['caught']} | "
+                f"{gd['collapsed']} / {pr['collapsed']} |"
+            )
     return "\n".join(lines)
 
 
@@ -818,14 +1032,16 @@ def letters_table(records: list[dict[str, Any]], model: str, setting: str, image
 
 
 def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The --tune tables and the selections their pre-registered rules make (val labels only).
+    """The --tune tables and the selections their rules make (val labels only).
 
-    Config rule: among the `ttrv` / `frequency` settings, the highest mean over models of the
-    mean val greedy delta (unguarded); settings within 0.5 points of it count as tied and
-    the cheapest wins (fewer option orders, then lower learning rate, then fewer rounds).
-    Guard rule: the candidate with the fewest guarded runs ending more than 2 points below
-    their baseline, over every tune run; ties go to the highest mean guarded delta of the
-    selected config (fewest false alarms).
+    Config rule: among the `ttrv-*` / `frequency-*` settings, the highest mean over models
+    of the mean val greedy delta (unguarded); settings within 0.5 points of it count as tied
+    and the cheapest wins (least rollout work, then fewer option orders, then lower lr).
+    Guard rule: among the guards that keep at least 90% of the selected config's unguarded
+    gain on every model, the one with the fewest runs (over the whole grid) ending more than
+    2 points below their baseline; ties go to the higher mean guarded gain of the selected
+    config. (A first rule, fewest harmful runs alone, picked a guard whose false alarms
+    erased the base model's gain; see docs/benchmark.md.)
     """
     base = {(r["model"], r["seed"]): r["baseline"]["all"] for r in records if "baseline" in r}
     runs = [r for r in records if "baseline" not in r]
@@ -835,28 +1051,25 @@ def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     def delta(r: dict[str, Any], m: dict[str, Any], key: str = "greedy_acc") -> float:
         return m["all"][key] - base[(r["model"], r["seed"])][key]
 
-    guarded: dict[tuple[str, int, str, str, bool], dict[str, Any]] = {}
-    for r in runs:
-        for g, cfg in GUARD_CANDIDATES.items():
-            for monitor in (False, True):
-                key = (r["model"], r["seed"], r["setting"], g, monitor)
-                guarded[key] = replay_record(r, cfg, monitor)
-
-    lines = ["| setting | " + " | ".join(f"{m}: greedy Δ / expected Δ / invalid" for m in models)
-             + " | guard trips (current) |", "|---|" + "---|" * (len(models) + 1)]
+    lines = [
+        "| setting | "
+        + " | ".join(f"{m}: greedy Δ / expected Δ / invalid" for m in models)
+        + " | guard trips (its own guard) |",
+        "|---|" + "---|" * (len(models) + 1),
+    ]
     score: dict[str, float] = {}
+    unguarded: dict[tuple[str, str], float] = {}
     for st in settings:
-        cells, per_model = [], []
-        trips = 0
+        cells, per_model, trips = [], [], 0
         for m in models:
             rs = [r for r in runs if r["setting"] == st and r["model"] == m]
             g = mean_std(delta(r, r["unguarded"]["metrics"]) for r in rs)
             e = mean_std(delta(r, r["unguarded"]["metrics"], "expected_acc") for r in rs)
             inv = statistics.fmean(r["unguarded"]["metrics"]["all"]["invalid_greedy"] for r in rs)
-            trips += sum(guarded[(m, r["seed"], st, "current", False)]["status"] != "done"
-                         for r in rs)
+            trips += sum(r["guarded"]["status"] != "done" for r in rs)
             cells.append(f"{pts(g)} / {pts(e)} / {100 * inv:.0f}%")
             per_model.append(g[0])
+            unguarded[(st, m)] = g[0]
         n = sum(1 for r in runs if r["setting"] == st)
         lines.append(f"| {st} | " + " | ".join(cells) + f" | {trips}/{n} |")
         if st.startswith(("ttrv-", "frequency-")):
@@ -872,32 +1085,59 @@ def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     tied = [st for st, v in score.items() if v >= best - 0.005]
     chosen = min(tied, key=cost)
 
-    glines = ["| guard | watches | runs ending < -2 pts (guarded) | trips | "
-              f"{chosen}: mean guarded Δ |", "|---|---|---|---|---|"]
-    gstats = {}
-    for g in GUARD_CANDIDATES:
+    glines = [
+        "| guard | watches | runs ending < -2 pts | trips | "
+        + " | ".join(f"{chosen} on {m}: guarded Δ" for m in models)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(models),
+    ]
+    gstats: dict[tuple[str, bool], tuple[bool, int, float]] = {}
+    for g, gcfg in GUARD_CANDIDATES.items():
         for monitor in (False, True):
-            keys = [(r["model"], r["seed"], r["setting"], g, monitor) for r in runs]
-            harmful = sum(delta(r, guarded[k]["metrics"]) < -0.02
-                          for r, k in zip(runs, keys, strict=True))
-            trips = sum(guarded[k]["status"] != "done" for k in keys)
-            sel = statistics.fmean(
-                delta(r, guarded[(r["model"], r["seed"], chosen, g, monitor)]["metrics"])
-                for r in runs if r["setting"] == chosen)
-            gstats[(g, monitor)] = (harmful, -sel)
+            reps = [(r, replay_record(r, gcfg, monitor)) for r in runs]
+            harmful = sum(delta(r, rep["metrics"]) < -0.02 for r, rep in reps)
+            trips = sum(rep["status"] != "done" for _, rep in reps)
+            sel = {
+                m: statistics.fmean(
+                    delta(r, rep["metrics"])
+                    for r, rep in reps
+                    if r["setting"] == chosen and r["model"] == m
+                )
+                for m in models
+            }
+            keeps = all(
+                sel[m] >= 0.9 * unguarded[(chosen, m)] for m in models if unguarded[(chosen, m)] > 0
+            )
+            gstats[(g, monitor)] = (keeps, harmful, statistics.fmean(sel.values()))
             where = "held-out unlabeled images" if monitor else "adapted images (engine)"
-            glines.append(f"| {g} {GUARD_CANDIDATES[g]} | {where} | {harmful}/{len(runs)} | "
-                          f"{trips} | {100 * sel:+.1f} |")
-    engine_guard = min((k for k in gstats if not k[1]), key=lambda k: gstats[k])[0]
-    monitor_guard = min((k for k in gstats if k[1]), key=lambda k: gstats[k])[0]
-    guard = engine_guard
-    md = ("\n".join(lines) + "\n\n" + "\n".join(glines) + "\n\n"
-          + f"Selected config: **{chosen}** (mean val greedy Δ over models {100 * score[chosen]:+.1f}; "
-          + f"best {100 * best:+.1f}). Selected guard thresholds (engine signals): **{guard}** "
-          + f"{GUARD_CANDIDATES[guard]}; watching held-out images: **{monitor_guard}** "
-          + f"{GUARD_CANDIDATES[monitor_guard]}.")
-    return md, {"config": chosen, "guard": guard, "monitor_guard": monitor_guard,
-                "scores": score}
+            glines.append(
+                f"| {g} | {where} | {harmful}/{len(runs)} | {trips} | "
+                + " | ".join(f"{100 * sel[m]:+.1f}" for m in models)
+                + " |"
+            )
+
+    def pick(monitor: bool) -> str:
+        ok = [k for k, v in gstats.items() if k[1] == monitor and v[0]]
+        return min(ok, key=lambda k: (gstats[k][1], -gstats[k][2]))[0]
+
+    guard, monitor_guard = pick(False), pick(True)
+    md = (
+        "\n".join(lines)
+        + "\n\n"
+        + "\n".join(glines)
+        + "\n\n"
+        + f"Selected config: **{chosen}** (mean val greedy Δ over models "
+        + f"{100 * score[chosen]:+.1f}; best {100 * best:+.1f}). Selected guard (engine "
+        + f"signals on the adapted images): **{guard}**; watching held-out images: "
+        + f"**{monitor_guard}**."
+    )
+    return md, {
+        "config": chosen,
+        "guard": guard,
+        "guard_settings": GUARD_CANDIDATES[guard],
+        "monitor_guard": monitor_guard,
+        "scores": score,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -913,8 +1153,18 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
             for s in seeds:
                 jobs.append(Job(m, "none", s, args.images, split="val", setting="tune"))
                 for name, (variant, over) in TUNE_GRID.items():
-                    jobs.append(Job(m, variant, s, args.images, split="val", setting=name,
-                                    overrides=over, trajectory=True))
+                    jobs.append(
+                        Job(
+                            m,
+                            variant,
+                            s,
+                            args.images,
+                            split="val",
+                            setting=name,
+                            overrides=over,
+                            trajectory=True,
+                        )
+                    )
         return jobs
     variants = args.variants or (QUICK_VARIANTS if args.quick else MAIN_VARIANTS)
     settings: dict[str, dict[str, Any]] = {"main": {}}
@@ -929,8 +1179,9 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
                     jobs.append(Job(m, v, s, args.images))
                     continue
                 for name, over in settings.items():
-                    jobs.append(Job(m, v, s, args.images, setting=name, overrides=over,
-                                    guards=guards))
+                    jobs.append(
+                        Job(m, v, s, args.images, setting=name, overrides=over, guards=guards)
+                    )
     return jobs
 
 
@@ -962,8 +1213,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: by mode)")
     ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("--report", default=None, metavar="JSON",
-                    help="rebuild the tables of a saved run file (runs nothing)")
+    ap.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="rebuild the tables of a saved run file (runs nothing)",
+    )
     args = ap.parse_args(argv)
     if args.variants:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -999,48 +1254,139 @@ def main(argv: list[str] | None = None) -> int:
         if not args.variants:
             args.variants = ["none", "default", "ttrv_paper"]
     command = " ".join(["python -m bench.benchmark", *(sys.argv[1:] if argv is None else argv)])
-    name = args.out or ("dry" if args.dry else "quick" if args.quick else "stress" if args.stress
-                        else "tune" if args.tune else f"main-k{args.images}")
+    name = args.out or (
+        "dry"
+        if args.dry
+        else "quick"
+        if args.quick
+        else "stress"
+        if args.stress
+        else "tune"
+        if args.tune
+        else f"main-k{args.images}"
+    )
     path = Path(name) if os.sep in name else RESULTS / name
-    if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        records, elapsed, command = saved["runs"], saved["seconds"], saved["command"]
-        path = Path(args.report).with_suffix("")
+    if args.report:  # one file, or several merged (e.g. stress + the K=200 runs)
+        files = [Path(f) for f in args.report.split(",")]
+        saved = [json.loads(f.read_text()) for f in files]
+        records = [
+            {**r, "config": s_["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]}
+            if "config" not in r and "configs" in s_
+            else r
+            for s_ in saved
+            for r in s_["runs"]
+        ]
+        elapsed = sum(s_["seconds"] for s_ in saved)
+        command = " ; ".join(s_["command"] for s_ in saved)
+        path = files[0].with_suffix("") if len(files) == 1 else path
     else:
         t0 = time.perf_counter()
         records = run_jobs(build_jobs(args, chosen), models, limits, rollout, args.workers)
         elapsed = time.perf_counter() - t0
         if not args.no_write:  # the runs first: a failing report must not lose them
             path.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"command": command, "seconds": elapsed, "runs": records}
-            path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1))
-    md, table = report(records, command, args.tune, elapsed, args.workers)
+            write_json(path, {"command": command, "seconds": elapsed}, records)
+    md, table = report(records, command, args.tune, elapsed, args.workers, args.stress)
     print(md)
     if not args.no_write:
-        payload = {"command": command, "seconds": elapsed, "table": table, "runs": records}
-        path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1))
+        write_json(
+            path, {"command": command, "seconds": elapsed, "table": _small_table(table)}, records
+        )
         path.with_suffix(".md").write_text(md)
         print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
     return 0
 
 
-def report(records: list[dict[str, Any]], command: str, tune: bool, elapsed: float,
-           workers: int) -> tuple[str, dict[str, Any]]:
+def write_json(path: Path, head: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    runs, configs = compact(records)
+    payload = {**head, "configs": configs, "runs": runs}
+    path.with_suffix(".json").write_text(json.dumps(_jsonable(payload), separators=(",", ":")))
+
+
+def report(
+    records: list[dict[str, Any]],
+    command: str,
+    tune: bool,
+    elapsed: float,
+    workers: int,
+    stress: bool = False,
+) -> tuple[str, dict[str, Any]]:
     """The markdown and the aggregated table of a set of runs."""
     table = aggregate(records)
     if tune:
         md, selection = tune_report(records)
         md = f"Command: `{command}`\n\n" + md
         table = {"selection": selection, **table}
+    elif stress:
+        md = stress_markdown(records, table, command)
     else:
         md = markdown(records, table, command)
-        mains = sorted({(r["model"], r["setting"], r["images"]) for r in records
-                        if "baseline" not in r and r["setting"] == "main"})
+        mains = sorted(
+            {
+                (r["model"], r["setting"], r["images"])
+                for r in records
+                if "baseline" not in r and r["setting"] == "main"
+            }
+        )
         for m, setting, images in mains:
             md += f"\n\n#### {m}: greedy accuracy by gold option letter (K={images})\n\n"
             md += letters_table(records, m, setting, images)
     md += f"\n\nWall time {elapsed / 60:.1f} min ({workers} worker processes).\n"
     return md, table
+
+
+def compact(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Runs without what can be rebuilt: a guarded outcome's metrics when they are those of
+    the unguarded end or of a stored round, and each run's full config (kept once per
+    model, variant and setting). Returns (runs, configs)."""
+    configs: dict[str, Any] = {}
+    out = []
+    for r in records:
+        r = dict(r)
+        cfg = r.pop("config", None)
+        if cfg is not None:
+            configs.setdefault(f"{r['model']}|{r['variant']}|{r['setting']}", cfg)
+            r["guard_on"] = cfg["guard"]["guard"]
+        for key in ("guarded", "guarded_proposed"):
+            if key in r and "metrics" in r[key]:
+                entry = dict(r[key])
+                if entry["round"] == r["unguarded"]["round"] or str(entry["round"]) in r.get(
+                    "trajectory", {}
+                ):
+                    entry.pop("metrics")
+                r[key] = entry
+        out.append(r)
+    return out, configs
+
+
+def _small_table(table: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "all.greedy_acc",
+        "all.expected_acc",
+        "all.maj_acc",
+        "all.invalid_greedy",
+        "all.entropy",
+        "heldout.greedy_acc",
+    )
+    out = {}
+    for k, row in table.items():
+        if not isinstance(row, dict) or "variant" not in row:
+            out[k] = row
+            continue
+        small = {x: row[x] for x in row if x not in MODES}
+        for mode in MODES:
+            if mode in row:
+                st = row[mode]
+                small[mode] = {
+                    m: st[m]
+                    for m in st
+                    if m in keep
+                    or m.removesuffix(".delta") in keep
+                    or m
+                    in ("collapsed", "worst_delta", "trips", "caught", "collapse_flags", "reasons")
+                }
+        out[k] = small
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -1049,7 +1395,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, float):
-        return None if math.isnan(obj) else round(obj, 5)
+        return None if math.isnan(obj) else round(obj, 4)
     return obj
 
 
