@@ -34,7 +34,7 @@ from .rollout import (
     Policy,
     greedy_answers,
     hf_model,
-    rollout_group,
+    rollout_groups,
     supports_shared_prefix,
     wants_token_type_ids,
 )
@@ -188,12 +188,10 @@ def run_step(
     seed = cfg.optim.seed
     torch.manual_seed(seed * 1_000_003 + step)
     rng = random.Random(f"{seed}:train:{step}")
-    groups = []
-    for item in batch:
-        orders = option_orders(cfg.task, item, cfg.rollout.n_rollouts, seed, step)
-        g = rollout_group(policy, item, cfg.task, cfg.rollout, orders)
+    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, step) for it in batch]
+    groups = rollout_groups(policy, batch, cfg.task, cfg.rollout, orders)
+    for g in groups:
         g.train_mask = select_trained(cfg.rollout.n_rollouts, cfg.rollout.n_train, rng)
-        groups.append(g)
     # Seeded per step (the random control reward draws numbers), so a resumed run matches.
     reward_fn = make_reward(cfg.reward, seed=seed * 1_000_003 + step)
     components = [reward_fn(g.answers) for g in groups]
@@ -211,6 +209,7 @@ def run_step(
         clip_eps=cfg.optim.clip_eps,
         beta=cfg.optim.beta,
         grad_clip=cfg.optim.grad_clip,
+        micro_batch=cfg.optim.micro_batch,
     )
     flat = [r for rs in rewards for r in rs]
     per_group = [answer_stats(g.answers) for g in groups]

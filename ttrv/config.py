@@ -239,6 +239,14 @@ class OptimConfig:
         default=True,
         metadata=_help("Drop images whose rollouts all agreed from later rounds."),
     )
+    micro_batch: int = field(
+        default=64,
+        metadata=_help(
+            "Rollouts per training forward/backward: fewer saves memory, more saves time "
+            "(an image's rollouts are never split).",
+            minimum=1,
+        ),
+    )
     seed: int = field(default=0, metadata=_help("Seed for sampling, shuffling and LoRA init."))
 
     def __post_init__(self) -> None:
@@ -251,6 +259,7 @@ class OptimConfig:
         _check(self.beta >= 0, f"beta must be >= 0 (got {self.beta}).")
         _check(self.images_per_step >= 1, "images_per_step must be >= 1.")
         _check(self.rounds >= 1, "rounds must be >= 1.")
+        _check(self.micro_batch >= 1, "micro_batch must be >= 1.")
 
 
 @dataclass

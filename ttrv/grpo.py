@@ -20,6 +20,8 @@ departs from it knowingly:
   low-variance k3 estimator; when beta is 0 no reference pass runs at all.
 - Groups whose trained advantages are all zero (every rollout agreed) skip the forward
   and backward pass: they would contribute exactly zero gradient.
+- The images of a step are sampled in one generate call and trained in one forward per
+  `micro_batch` rows (prompts left-padded; see `ttrv.batching`), not image by image.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .rollout import Group, Policy, sequence_logprobs
+from .batching import pack
+from .rollout import Group, Policy, batch_logprobs
 
 
 def clipped_surrogate(
@@ -109,46 +112,50 @@ def grpo_update(
     clip_eps: float,
     beta: float,
     grad_clip: float,
+    micro_batch: int = 64,
 ) -> UpdateStats:
     """One optimiser step on the trained rollouts of `groups`.
 
-    Gradients are accumulated group by group (one forward/backward per prompt), so memory
-    holds one image's K sequences at a time; the loss is a token mean over the whole step.
+    The trained rows of all images run through the model together, `micro_batch` rows per
+    forward/backward (an image's rows stay together), with gradients accumulated; the loss
+    is a token mean over the whole step.
     """
     model = policy.model
-    plan = [_trained_rows(g, a) for g, a in zip(groups, advantages, strict=True)]
-    total_tokens = sum(
-        len(g.completions[i])
-        for g, rows in zip(groups, plan, strict=True)
-        for r in rows.values()
-        for i in r
-    )
-    skipped = sum(1 for rows in plan if not rows)
+    # units: (group, prompt, row indices) with a non-zero advantage, in a fixed order
+    units = [
+        (g, prompt, idx)
+        for g, a in zip(groups, advantages, strict=True)
+        for prompt, idx in _trained_rows(g, a).items()
+    ]
+    total_tokens = sum(len(g.completions[i]) for g, _, idx in units for i in idx)
+    skipped = len({id(g) for g in groups} - {id(g) for g, _, _ in units})
     optimizer.zero_grad(set_to_none=True)
     if total_tokens == 0:
         return UpdateStats(0.0, None, 0.0, 0, skipped)
 
+    adv_of = {id(g): a for g, a in zip(groups, advantages, strict=True)}
     model.train()
     loss_total, kl_total = 0.0, 0.0
-    for group, adv, rows in zip(groups, advantages, plan, strict=True):
-        for prompt_idx, idx in rows.items():
-            enc = group.encoded[prompt_idx]
-            comps = [group.completions[i] for i in idx]
-            logp, mask = sequence_logprobs(
-                model, enc, comps, policy.pad, temperature, policy.shared_prefix
-            )
-            adv_t = torch.tensor([adv[i] for i in idx], dtype=logp.dtype, device=logp.device)
-            loss = clipped_surrogate(logp, logp.detach(), adv_t, mask, clip_eps)
-            if beta > 0:
-                with torch.no_grad(), model.disable_adapter():
-                    ref_logp, _ = sequence_logprobs(
-                        model, enc, comps, policy.pad, temperature, policy.shared_prefix
-                    )
-                kl = (kl_k3(logp, ref_logp) * mask).sum()
-                loss = loss + beta * kl
-                kl_total += float(kl.detach())
-            (loss / total_tokens).backward()
-            loss_total += float(loss.detach())
+    for chunk in pack([len(u[2]) for u in units], micro_batch):
+        part = [units[c] for c in chunk]
+        encoded = [g.encoded[p] for g, p, _ in part]
+        comps = [[g.completions[i] for i in idx] for g, _, idx in part]
+        logp, mask = batch_logprobs(
+            model, encoded, comps, policy.pad, temperature, policy.shared_prefix
+        )
+        adv = [adv_of[id(g)][i] for g, _, idx in part for i in idx]
+        adv_t = torch.tensor(adv, dtype=logp.dtype, device=logp.device)
+        loss = clipped_surrogate(logp, logp.detach(), adv_t, mask, clip_eps)
+        if beta > 0:
+            with torch.no_grad(), model.disable_adapter():
+                ref_logp, _ = batch_logprobs(
+                    model, encoded, comps, policy.pad, temperature, policy.shared_prefix
+                )
+            kl = (kl_k3(logp, ref_logp) * mask).sum()
+            loss = loss + beta * kl
+            kl_total += float(kl.detach())
+        (loss / total_tokens).backward()
+        loss_total += float(loss.detach())
     model.eval()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()

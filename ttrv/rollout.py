@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .answers import extract_answer
+from .batching import can_merge, left_pad, position_ids, row_index, stack_kwargs
 from .config import RolloutConfig, TaskConfig
 from .tasks import Item, Prompt, build_prompt, render_prompt
 
@@ -229,9 +230,7 @@ def rollout_group(
     """Sample N rollouts of `item`, split evenly over the given option orders."""
     gen_kwargs = policy.generation_kwargs(cfg, sample=True)
     encoded = [policy.encode(build_prompt(task, item, order), item) for order in orders]
-    counts = [cfg.n_rollouts // len(orders)] * len(orders)
-    for i in range(cfg.n_rollouts % len(orders)):
-        counts[i] += 1
+    counts = _split(cfg.n_rollouts, len(orders))
     completions, prompt_index = [], []
     for i, (enc, count) in enumerate(zip(encoded, counts, strict=True)):
         if count == 0:
@@ -245,6 +244,109 @@ def rollout_group(
         for r, p in zip(responses, prompt_index, strict=True)
     ]
     return Group(item, encoded, prompt_index, completions, responses, answers)
+
+
+def text_positions(model: Any) -> bool:
+    """Does the model take plain text position ids? (Qwen-VL computes its own multimodal
+    positions from the attention mask and must not be given any.)"""
+    import inspect
+
+    base = hf_model(model)
+    inner = getattr(base, "model", base)
+    forward = inspect.signature(base.forward).parameters
+    return "position_ids" in forward and not hasattr(inner, "get_rope_index")
+
+
+def stackable(encoded: list[Encoded]) -> bool:
+    return all(can_merge(e.model_kwargs, e.length) for e in encoded)
+
+
+def _per_token_to(kwargs: dict[str, Any], width: int) -> dict[str, Any]:
+    """Per-token side inputs (token types) cut to the first `width` columns."""
+    return {
+        k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+        for k, v in kwargs.items()
+    }
+
+
+@torch.no_grad()
+def sample_many(
+    policy: Policy, encoded: list[Encoded], counts: list[int], gen_kwargs: dict[str, Any]
+) -> list[torch.Tensor]:
+    """Continuations of several prompts in one generate call: [counts[i], T] per prompt.
+
+    Prompts are left-padded into one batch. With `policy.shared_prefix` the prompts run once
+    (one batched prefill) and each one's KV cache is repeated for its rows; otherwise every
+    row carries its prompt. Models whose inputs cannot be stacked sample prompt by prompt.
+    """
+    if not stackable(encoded):
+        return [
+            sample(policy.model, e, c, gen_kwargs, policy.shared_prefix) if c else None
+            for e, c in zip(encoded, counts, strict=True)
+        ]
+    model, device = policy.model, encoded[0].input_ids.device
+    ids = left_pad([e.input_ids for e in encoded], policy.pad)  # [M, P]
+    mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
+    lengths = [e.length for e in encoded]
+    rows = row_index(counts, device)  # [R]
+    width = ids.shape[1]
+    if policy.shared_prefix and width >= 2:
+        kw = _per_token_to(stack_kwargs([e.model_kwargs for e in encoded], lengths,
+                                        range(len(encoded))), width - 1)  # fmt: skip
+        if text_positions(model):
+            kw["position_ids"] = position_ids(mask[:, :-1])
+        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                    logits_to_keep=1, **kw)  # fmt: skip
+        cache = _cache_of(out)
+        cache.reorder_cache(rows)
+        tokens = model.generate(
+            input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **gen_kwargs
+        )
+    else:
+        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, rows.tolist())
+        tokens = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw, **gen_kwargs)
+    return list(tokens[:, width:].split(list(counts)))
+
+
+def rollout_groups(
+    policy: Policy,
+    items: list[Item],
+    task: TaskConfig,
+    cfg: RolloutConfig,
+    orders: list[list[list[int] | None]],
+) -> list[Group]:
+    """N rollouts of each item (split evenly over its option orders), all sampled in one
+    generate call."""
+    gen_kwargs = policy.generation_kwargs(cfg, sample=True)
+    encoded = [
+        [policy.encode(build_prompt(task, item, order), item) for order in item_orders]
+        for item, item_orders in zip(items, orders, strict=True)
+    ]
+    counts = [_split(cfg.n_rollouts, len(o)) for o in orders]
+    flat = sample_many(
+        policy, [e for es in encoded for e in es], [c for cs in counts for c in cs], gen_kwargs
+    )
+    groups, at = [], 0
+    for item, encs, cs in zip(items, encoded, counts, strict=True):
+        completions, prompt_index = [], []
+        for i, count in enumerate(cs):
+            tokens = flat[at + i]
+            if count:
+                completions += [trim_completion(row, policy.eos, policy.pad) for row in tokens]
+                prompt_index += [i] * count
+        at += len(cs)
+        responses = [decode(policy.tokenizer, c) for c in completions]
+        answers = [
+            extract_answer(r, task, encs[p].prompt.options)
+            for r, p in zip(responses, prompt_index, strict=True)
+        ]
+        groups.append(Group(item, encs, prompt_index, completions, responses, answers))
+    return groups
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """n rollouts over `parts` prompts, as evenly as possible, the first ones taking more."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
 def _checkpointing(model: Any) -> bool:
@@ -340,22 +442,110 @@ def sequence_logprobs(
     return logp * mask, mask  # [K, T], [K, T]
 
 
+# Images answered per generate call in `greedy_answers` (bounds memory on large sets).
+GREEDY_BATCH = 32
+
+
+def _pad_completions(
+    completions: list[torch.Tensor], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions right-padded into ids [K, T] and a float mask [K, T]."""
+    t = max(len(c) for c in completions)
+    comp = torch.full((len(completions), t), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(completions), t), dtype=torch.float32, device=device)
+    for i, c in enumerate(completions):
+        comp[i, : len(c)] = c.to(device)
+        mask[i, : len(c)] = 1.0
+    return comp, mask
+
+
+def batch_logprobs(
+    model: Any,
+    encoded: list[Encoded],
+    completions: list[list[torch.Tensor]],
+    pad: int,
+    temperature: float,
+    shared_prefix: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completions of several prompts in one forward.
+
+    `completions[i]` are continuations of `encoded[i]`; rows come out prompt by prompt:
+    (logprobs [R, T], mask [R, T]). Prompts are left-padded into one batch. With
+    `shared_prefix` each prompt runs once and its KV cache (which carries the gradient of
+    the LoRA weights on the prompt) is repeated for its rows; otherwise each row is the
+    full prompt + completion sequence. Same numbers as `sequence_logprobs` per prompt
+    (tested per family); inputs that cannot be stacked are scored prompt by prompt.
+    """
+    keep = [i for i, c in enumerate(completions) if c]
+    encoded = [encoded[i] for i in keep]
+    completions = [completions[i] for i in keep]
+    if not stackable(encoded):
+        parts = [sequence_logprobs(model, e, c, pad, temperature, shared_prefix)
+                 for e, c in zip(encoded, completions, strict=True)]  # fmt: skip
+        t = max(p[0].shape[1] for p in parts)
+        pad_to = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+        return torch.cat([pad_to(p[0]) for p in parts]), torch.cat([pad_to(p[1]) for p in parts])
+    device = encoded[0].input_ids.device
+    counts = [len(c) for c in completions]
+    comp, cmask = _pad_completions([c for cs in completions for c in cs], pad, device)
+    t = comp.shape[1]
+    ids = left_pad([e.input_ids for e in encoded], pad)  # [M, P]
+    mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
+    lengths = [e.length for e in encoded]
+    rows = row_index(counts, device)  # [R]
+    positions = text_positions(model)
+    if shared_prefix and not _checkpointing(model):
+        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, range(len(encoded)))
+        if positions:
+            kw["position_ids"] = position_ids(mask)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
+        logits = out.logits[:, -1:, :][rows]  # [R, 1, V]: predicts token 0
+        if t > 1:
+            cache = _cache_of(out)
+            cache.reorder_cache(rows)
+            attn = torch.cat([mask[rows], cmask.long()], dim=1)[:, :-1]
+            extra = {}
+            if positions:
+                start = mask.sum(-1, keepdim=True)[rows]  # [R, 1]: real prompt tokens
+                extra["position_ids"] = start + torch.arange(t - 1, device=device)
+            rest = model(input_ids=comp[:, :-1], attention_mask=attn, cache=cache,
+                         use_cache=True, **extra).logits  # [R, T-1, V]  # fmt: skip
+            logits = torch.cat([logits, rest], dim=1)  # [R, T, V]
+    else:
+        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, rows.tolist())
+        for key, value in kw.items():
+            if key != "mm_encoder_outputs":  # per-token inputs: the completion is text, 0
+                kw[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
+        attn = torch.cat([mask[rows], cmask.long()], dim=1)  # [R, P+T]
+        if positions:
+            kw["position_ids"] = position_ids(attn)
+        out = model(input_ids=torch.cat([ids[rows], comp], 1), attention_mask=attn,
+                    logits_to_keep=t + 1, use_cache=False, **kw)  # fmt: skip
+        logits = out.logits[:, :-1, :]  # [R, T, V]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    return logp * cmask, cmask  # [R, T], [R, T]
+
+
 @torch.no_grad()
 def greedy_answers(
     policy: Policy, items: list[Item], task: TaskConfig, cfg: RolloutConfig
 ) -> list[dict[str, str]]:
-    """The greedy response and canonical answer for each item (options in given order)."""
+    """The greedy response and canonical answer for each item (options in given order),
+    GREEDY_BATCH images per generate call."""
     gen_kwargs = policy.generation_kwargs(cfg, sample=False)
     results = []
-    for item in items:
-        enc = policy.encode(build_prompt(task, item), item)
-        tokens = sample(policy.model, enc, 1, gen_kwargs)[0]
-        response = decode(policy.tokenizer, trim_completion(tokens, policy.eos, policy.pad))
-        results.append(
-            {
-                "image_id": item.image_id,
-                "response": response,
-                "answer": extract_answer(response, task, enc.prompt.options),
-            }
-        )
+    for start in range(0, len(items), GREEDY_BATCH):
+        chunk = items[start : start + GREEDY_BATCH]
+        encoded = [policy.encode(build_prompt(task, item), item) for item in chunk]
+        tokens = sample_many(policy, encoded, [1] * len(chunk), gen_kwargs)
+        for item, enc, t in zip(chunk, encoded, tokens, strict=True):
+            response = decode(policy.tokenizer, trim_completion(t[0], policy.eos, policy.pad))
+            results.append(
+                {
+                    "image_id": item.image_id,
+                    "response": response,
+                    "answer": extract_answer(response, task, enc.prompt.options),
+                }
+            )
     return results

@@ -1,0 +1,160 @@
+"""Batching several images into one model call must not change what the model computes.
+
+Prompts of different lengths (different image sizes, different questions) are left-padded
+into one batch; every family must then give the same greedy tokens and the same
+per-token log-probabilities (and gradients) as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_engine import loaded_model, small_config
+from tests.tiny_models import FAMILIES
+from ttrv.adapt import make_policy, trainable_params
+from ttrv.batching import left_pad, merge_mm_outputs, pack, position_ids, row_index
+from ttrv.config import RolloutConfig, TaskConfig
+from ttrv.rollout import (
+    batch_logprobs,
+    greedy_answers,
+    sample,
+    sample_many,
+    sequence_logprobs,
+    stackable,
+)
+from ttrv.tasks import Item, build_prompt, image_sha256
+
+# ---- pure helpers ------------------------------------------------------------------------
+
+
+def test_left_pad_and_positions():
+    rows = [torch.tensor([[5, 6, 7]]), torch.tensor([[8]])]
+    ids = left_pad(rows, 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    mask = left_pad([torch.ones(1, 3), torch.ones(1, 1)], 0)
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_row_index_and_pack():
+    assert row_index([2, 0, 3]).tolist() == [0, 0, 2, 2, 2]
+    assert pack([3, 3, 3, 5], 6) == [[0, 1], [2], [3]]
+    assert pack([8, 1], 4) == [[0], [1]]  # a unit over the limit is never split
+
+
+def test_merge_mm_outputs_keeps_each_layout():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    def out(pool):
+        return {"image": BaseModelOutputWithPooling(pooler_output=pool)}
+
+    a, b = torch.zeros(1, 4, 2), torch.ones(1, 4, 2)
+    merged = merge_mm_outputs([out(a), out(b), out(a)])["image"].pooler_output
+    assert merged.shape == (3, 4, 2) and merged[1].eq(1).all()
+    lists = merge_mm_outputs([out([a[0]]), out([b[0]])])["image"].pooler_output
+    assert isinstance(lists, list) and len(lists) == 2 and lists[1].eq(1).all()
+    tuples = merge_mm_outputs([out((a[0],)), out((b[0],))])["image"].pooler_output
+    assert isinstance(tuples, tuple) and len(tuples) == 2
+
+
+# ---- against one prompt at a time, per family --------------------------------------------
+
+
+def _items() -> list[Item]:
+    rng = np.random.default_rng(3)
+    items = []
+    for i, size in enumerate([(40, 40), (64, 48)]):
+        image = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+        items.append(Item(image_sha256(image), f"img{i}", image, options=["cat", "dog", "owl"]))
+    return items
+
+
+def _encoded(policy):
+    """Three prompts of different lengths: two image sizes, an open and an MC question."""
+    open_task = TaskConfig(kind="open", question="What is it?")
+    mc_task = TaskConfig(kind="multiple_choice", options="cat,dog,owl")
+    a, b = _items()
+    return [
+        policy.encode(build_prompt(open_task, a), a),
+        policy.encode(build_prompt(mc_task, b), b),
+        policy.encode(build_prompt(mc_task, a, [2, 0, 1]), a),
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_greedy_matches_one_prompt_at_a_time(tiny_model_dir, family):
+    folder = tiny_model_dir(family)
+    loaded = loaded_model(folder, small_config(folder))
+    policy = make_policy(loaded)
+    encoded = _encoded(policy)
+    assert stackable(encoded)
+    assert len({e.length for e in encoded}) > 1, "prompts must differ in length"
+    gen = policy.generation_kwargs(RolloutConfig(max_new_tokens=4), sample=False)
+    batched = sample_many(policy, encoded, [1, 1, 1], gen)
+    for enc, tokens in zip(encoded, batched, strict=True):
+        alone = sample(policy.model, enc, 1, gen, policy.shared_prefix)
+        t = min(tokens.shape[1], alone.shape[1])
+        assert torch.equal(tokens[0, :t], alone[0, :t]), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_logprobs_and_grads_match(tiny_model_dir, family, shared):
+    folder = tiny_model_dir(family)
+    loaded = loaded_model(folder, small_config(folder))
+    policy = make_policy(loaded)
+    if shared and not policy.shared_prefix:
+        pytest.skip("family keeps the full-sequence path (multimodal rope)")
+    encoded = _encoded(policy)
+    torch.manual_seed(0)
+    gen = policy.generation_kwargs(RolloutConfig(max_new_tokens=4), sample=True)
+    comps = [[row[row != policy.pad] for row in t] for t in sample_many(policy, encoded, [2, 3, 1], gen)]
+    comps = [[c if len(c) else torch.tensor([policy.eos[0]]) for c in cs] for cs in comps]
+    params = list(trainable_params(loaded.model).values())
+    for p in params:  # non-zero LoRA B, so that A's gradients are non-zero too
+        torch.nn.init.normal_(p, std=0.05)
+    loaded.model.train()
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        logp = fn()
+        logp.sum().backward()
+        return logp.detach(), [p.grad.clone() for p in params]
+
+    def alone():
+        parts = [sequence_logprobs(loaded.model, e, c, policy.pad, 1.0, shared)[0]
+                 for e, c in zip(encoded, comps, strict=True)]  # fmt: skip
+        t = max(x.shape[1] for x in parts)
+        return torch.cat([torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in parts])
+
+    ref, ref_grads = grads(alone)
+    got, got_grads = grads(
+        lambda: batch_logprobs(loaded.model, encoded, comps, policy.pad, 1.0, shared)[0]
+    )
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-5, rtol=1e-3)
+
+
+def test_greedy_answers_are_batched_and_unchanged(tiny_model_dir, monkeypatch):
+    """One generate call per GREEDY_BATCH images, same answers as image by image."""
+    import ttrv.rollout as rollout
+
+    folder = tiny_model_dir("llava")
+    loaded = loaded_model(folder, small_config(folder))
+    policy = make_policy(loaded)
+    task, cfg = TaskConfig(kind="open", question="What?"), RolloutConfig(max_new_tokens=3)
+    items = _items() * 3
+    calls = []
+    original = loaded.model.generate
+    monkeypatch.setattr(loaded.model, "generate", lambda **kw: calls.append(1) or original(**kw))
+    batched = greedy_answers(policy, items, task, cfg)
+    assert len(calls) == 1
+    monkeypatch.setattr(rollout, "GREEDY_BATCH", 1)
+    single = greedy_answers(policy, items, task, cfg)
+    assert len(calls) == 1 + len(items)
+    assert batched == single
