@@ -46,8 +46,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ttrv.answers import INVALID
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODELS = {
@@ -71,7 +69,12 @@ OFF = {"guard": {"guard": False}}
 PRE_TUNING = {
     "task": {"option_orders": 1},
     "optim": {"learning_rate": 2e-4},
-    "guard": {"max_marginal_entropy_drop": 0.35, "max_invalid_rise": 0.10},
+    # max_changed_answers did not exist then: 1.0 never trips.
+    "guard": {
+        "max_marginal_entropy_drop": 0.35,
+        "max_invalid_rise": 0.10,
+        "max_changed_answers": 1.0,
+    },
 }
 O1 = {"task": {"option_orders": 1}}
 
@@ -104,16 +107,6 @@ STRESS_SETTINGS: dict[str, dict[str, Any]] = {
     "8rounds": {"optim": {"rounds": 8}},
 }
 STRESS_VARIANTS = ["none", "default", "ttrv_paper", "frequency", "majority", "entropy", "random"]
-
-# A guard the engine does not have yet, replayed next to the engine's default everywhere:
-# GuardConfig thresholds plus `max_changed_answers`, the share of adapted images whose valid
-# greedy answer changed to another valid answer since before adaptation (a behavioural
-# trust region; see docs/benchmark.md for how it was chosen on the val split).
-PROPOSED_GUARD: dict[str, Any] = {
-    "max_marginal_entropy_drop": 0.1,
-    "max_invalid_rise": 0.1,
-    "max_changed_answers": 0.15,
-}
 
 
 # --tune: the val-split grid, name -> (variant, overrides). Adapt on 20 of the 100 val
@@ -161,13 +154,14 @@ _TUNE_GRID: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Pinned to the pre-tuning defaults, so the grid means the same whatever the defaults are.
 TUNE_GRID = {k: (v, deep_merge(PRE_TUNING, over)) for k, (v, over) in _TUNE_GRID.items()}
-# Guard settings replayed on every tune run (GuardConfig fields).
+# Guard settings replayed on every tune run (GuardConfig fields; a candidate without
+# "changed" in its name has max_changed_answers 1.0, which never trips).
 GUARD_CANDIDATES: dict[str, dict[str, Any]] = (
     {
         f"drop{d}-inv{i}" + (f"-changed{c}" if c else ""): {
             "max_marginal_entropy_drop": d,
             "max_invalid_rise": i,
-            **({"max_changed_answers": c} if c else {}),
+            "max_changed_answers": c or 1.0,
         }
         for d, i in ((0.35, 0.10), (0.1, 0.10), (0.1, 0.05), (0.05, 0.05))
         for c in (None, 0.1, 0.15, 0.25)
@@ -176,6 +170,7 @@ GUARD_CANDIDATES: dict[str, dict[str, Any]] = (
         f"drop0.1-inv0.1-letters{p}": {
             "max_marginal_entropy_drop": 0.1,
             "max_invalid_rise": 0.1,
+            "max_changed_answers": 1.0,
             "max_position_entropy_drop": p,
         }
         for p in (0.02, 0.03, 0.05, 0.08)
@@ -185,7 +180,7 @@ GUARD_CANDIDATES: dict[str, dict[str, Any]] = (
             "max_marginal_entropy_drop": 0.1,
             "max_invalid_rise": 0.1,
             "rollback": "start",
-            **({"max_changed_answers": 0.15} if c else {}),
+            "max_changed_answers": 0.15 if c else 1.0,
         }
         for c in (False, True)
     }
@@ -206,7 +201,6 @@ class Job:
     split: str = "test"
     setting: str = "main"  # "main", a STRESS_SETTINGS key or a TUNE_GRID key
     overrides: dict[str, Any] = field(default_factory=dict)  # on top of the variant's
-    guards: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra guards to replay
     trajectory: bool = True  # evaluate after every round (for offline guard replays)
 
     @property
@@ -383,14 +377,10 @@ class Worker:
             )
 
         record["unguarded"] = {"round": n_rounds, "metrics": at_round(n_rounds, True)}
-        for name, g in {"guarded": _asdict(cfg.guard), **job.guards}.items():
-            rep = replay_guard(cfg.task, unlabeled, recorder.before, recorder.rounds, g)
-            verdicts = rep.pop("verdicts")
-            record[name if name == "guarded" else f"guarded_{name}"] = {
-                **rep,
-                "verdicts": verdicts,
-                "metrics": at_round(rep["round"], name == "guarded"),
-            }
+        rep = replay_guard(
+            cfg.task, unlabeled, recorder.before, recorder.rounds, _asdict(cfg.guard)
+        )
+        record["guarded"] = {**rep, "metrics": at_round(rep["round"], True)}
         if job.trajectory:
             record["trajectory"] = {str(r): at_round(r, False) for r in range(n_rounds + 1)}
         load_adapter_state(model, final_weights)
@@ -429,7 +419,8 @@ class RoundRecorder:
         from ttrv.adapt import greedy_signals
 
         return [
-            {"signals": greedy_signals(task, items, r["answers"]).to_dict()} for r in self.rounds
+            {"signals": greedy_signals(task, items, r["answers"], self.before).to_dict()}
+            for r in self.rounds
         ]
 
     def step_summary(self) -> dict[str, Any]:
@@ -446,35 +437,21 @@ class RoundRecorder:
         }
 
 
-def changed_share(before: list[str], after: list[str]) -> float:
-    """Share of the images with a valid answer before whose answer is now another valid one.
-
-    >>> changed_share(["1", "2", INVALID, "4"], ["1", "3", "5", INVALID])
-    0.3333333333333333
-    """
-    valid = [i for i, a in enumerate(before) if a != INVALID]
-    moved = sum(after[i] != before[i] and after[i] != INVALID for i in valid)
-    return moved / len(valid) if valid else 0.0
-
-
-def replay_signals(
-    base: Any, rounds: list[Any], guard: dict[str, Any], changed: list[float] | None = None
-) -> dict[str, Any]:
+def replay_signals(base: Any, rounds: list[Any], guard: dict[str, Any]) -> dict[str, Any]:
     """Where `adapt`'s guard loop ends, given the guard signals before and after each round.
 
     Mirrors `ttrv.adapt.adapt`: after round k, `check` the signals against those before; on
     a trip, roll back to the best round so far by `score` (round 0 = the fresh adapter) and
     stop; otherwise go on to the end. Returns the round whose weights the run ends with.
-    `guard` holds GuardConfig fields, plus optionally `max_changed_answers` (not an engine
-    setting yet): also trip when `changed[k-1]` (see `changed_share`) exceeds it; and
-    `max_position_entropy_drop`: a separate (tighter) bound for the option-letter spread;
-    `rollback="start"`: on a trip, go back to the fresh adapter instead of the best round.
+    `guard` holds GuardConfig fields (missing ones take the GuardConfig defaults), plus two
+    candidates the engine does not have: `max_position_entropy_drop`, a separate (tighter)
+    bound for the option-letter spread, and `rollback="start"`: on a trip, go back to the
+    fresh adapter instead of the best round.
     """
     from ttrv.config import GuardConfig
     from ttrv.guard import check, score
 
     guard = dict(guard)
-    max_changed = guard.pop("max_changed_answers", None)
     max_position_drop = guard.pop("max_position_entropy_drop", None)
     to_start = guard.pop("rollback", "best") == "start"
     cfg = GuardConfig(**{**guard, "guard": True})  # replayed for every variant
@@ -482,8 +459,6 @@ def replay_signals(
     verdicts: list[str] = []
     for k, now in enumerate(rounds, start=1):
         reasons = [check(base, now, cfg).reason]
-        if max_changed is not None and changed is not None and changed[k - 1] > max_changed:
-            reasons.append(f"{changed[k - 1]:.0%} of the answers changed (> {max_changed:.0%})")
         if max_position_drop is not None and base.position_entropy and now.position_entropy:
             drop = 1 - now.position_entropy / base.position_entropy
             if drop > max_position_drop:
@@ -518,18 +493,17 @@ def replay_guard(
     guard: dict[str, Any],
 ) -> dict[str, Any]:
     """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
-    images (`ttrv.adapt.greedy_signals`, as `adapt` computes them) before and after each
-    round. Answers are the sink's dicts or plain strings."""
+    images (`ttrv.adapt.greedy_signals`, as `adapt` computes them, the changed share
+    against the answers before adaptation included) before and after each round. Answers
+    are the sink's dicts or plain strings."""
     from ttrv.adapt import greedy_signals
 
-    def answers(xs: list[Any]) -> list[str]:
-        return [x["answer"] if isinstance(x, dict) else x for x in xs]
+    def answers(xs: list[Any]) -> list[dict[str, str]]:
+        return [x if isinstance(x, dict) else {"answer": x} for x in xs]
 
-    def signals(xs: list[Any]) -> Any:
-        return greedy_signals(task, items, [{"answer": a} for a in answers(xs)])
-
-    changed = [changed_share(answers(before), answers(r["answers"])) for r in rounds]
-    return replay_signals(signals(before), [signals(r["answers"]) for r in rounds], guard, changed)
+    base = greedy_signals(task, items, answers(before))
+    now = [greedy_signals(task, items, answers(r["answers"]), answers(before)) for r in rounds]
+    return replay_signals(base, now, guard)
 
 
 def replay_record(
@@ -547,8 +521,12 @@ def replay_record(
     if monitor:
         n = len(record["rounds"])
         sig = [Signals(**traj[str(r)]["signals_heldout"]) for r in range(n + 1)]
-        changed = [traj[str(r)].get("changed_heldout", 0.0) for r in range(1, n + 1)]
-        rep = replay_signals(sig[0], sig[1:], guard, changed)
+        # the held-out changed share (None where a run did not record it: the check is off)
+        sig = [replace(sig[0], changed_answers=None)] + [
+            replace(sig[r], changed_answers=traj[str(r)].get("changed_heldout"))
+            for r in range(1, n + 1)
+        ]
+        rep = replay_signals(sig[0], sig[1:], guard)
     else:
         task = TaskConfig(**record["config"]["task"])
         items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
@@ -575,7 +553,7 @@ def summarize(
     and marginals on all images."""
     from ttrv import metrics as M
     from ttrv.answers import INVALID, canonical_label
-    from ttrv.guard import signals
+    from ttrv.guard import changed_share, signals
     from ttrv.tasks import LETTERS
 
     labels = [canonical_label(it.label, task) for it in items]
@@ -751,19 +729,18 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
 
 
-MODES = ("headline", "unguarded", "guarded", "proposed")
+MODES = ("headline", "unguarded", "guarded")
 
 
 def outcome(rec: dict[str, Any], mode: str = "headline") -> dict[str, Any]:
     """The metrics a run ends with. headline: the variant's own guard setting; unguarded;
-    guarded: the engine's guard (replayed); proposed: PROPOSED_GUARD (replayed)."""
+    guarded: the engine's guard (replayed)."""
     if "baseline" in rec:
         return rec["baseline"]
     if mode == "headline":
         on = rec["config"]["guard"]["guard"] if "config" in rec else rec["guard_on"]
         mode = "guarded" if on else "unguarded"
-    key = {"unguarded": "unguarded", "guarded": "guarded", "proposed": "guarded_proposed"}[mode]
-    entry = rec[key]
+    entry = rec[mode]
     if "metrics" in entry:
         return entry["metrics"]
     if entry["round"] == rec["unguarded"]["round"]:  # stored once (see `compact`)
@@ -772,8 +749,7 @@ def outcome(rec: dict[str, Any], mode: str = "headline") -> dict[str, Any]:
 
 
 def status(rec: dict[str, Any], mode: str) -> str:
-    key = {"guarded": "guarded", "proposed": "guarded_proposed"}.get(mode)
-    return rec[key]["status"] if key else "done"
+    return rec["guarded"]["status"] if mode == "guarded" else "done"
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -794,8 +770,6 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
         adaptive = "baseline" not in recs[0]
         for mode in MODES if adaptive else ("headline",):
-            if adaptive and mode == "proposed" and "guarded_proposed" not in recs[0]:
-                continue
             stats: dict[str, Any] = {}
             for scope in ("all", "heldout"):
                 for m in SCALARS:
@@ -818,9 +792,8 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                     for r in recs
                 )
                 stats["trips"] = sum(status(r, mode) == "guard_stopped" for r in recs)
-                rkey = {"guarded": "guarded", "proposed": "guarded_proposed"}.get(mode)
                 stats["reasons"] = sorted(
-                    {r[rkey]["reason"] for r in recs if rkey and r[rkey]["reason"]}
+                    {r[mode]["reason"] for r in recs if mode == "guarded" and r[mode]["reason"]}
                 )
                 # collapses of the unguarded run that this mode's guard tripped on
                 stats["caught"] = sum(
@@ -889,9 +862,10 @@ def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str)
         "Deltas in points against the same seed's unadapted baseline (same options), "
         "mean ± std over seeds, on all test images unless marked held-out (the images "
         "not adapted on). *Headline* = the variant's own guard setting (on for "
-        "default / pre_tuning, off for the others). Guard columns: the run replayed "
-        "with the engine's guard (GuardConfig defaults) and with the proposed guard "
-        f"{PROPOSED_GUARD}.",
+        "default / pre_tuning, off for the others). Guard columns: every run trained "
+        "with the guard off, then replayed with the engine's guard (the variant's "
+        "GuardConfig; for all but pre_tuning the defaults) from its stored per-round "
+        "greedy answers.",
         "",
     ]
     keys = sorted({(r["model"], r["setting"], r["images"]) for r in records if "baseline" not in r})
@@ -913,13 +887,11 @@ def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str)
         lines += [
             "| variant | seeds | greedy Δ | greedy Δ held-out | expected Δ | maj@N Δ | "
             "entropy | invalid | guard off: greedy Δ | engine guard: greedy Δ (trips) | "
-            "proposed guard: greedy Δ (trips) | worst run (engine / proposed guard) | "
-            "collapses (off / engine / proposed) |",
-            "|" + "---|" * 13,
+            "worst run (guard off / engine guard) | collapses (guard off / engine guard) |",
+            "|" + "---|" * 12,
         ]
         for row in _rows(table, model, setting, images):
             h, ug, gd = row["headline"], row["unguarded"], row["guarded"]
-            pr = row.get("proposed", gd)
             n = len(row["seeds"])
             lines.append(
                 f"| {row['variant']} | {n} | {pts(h['all.greedy_acc.delta'])} | "
@@ -927,9 +899,8 @@ def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str)
                 f"{pts(h['all.maj_acc.delta'])} | {h['all.entropy'][0]:.2f} | "
                 f"{100 * h['all.invalid_greedy'][0]:.1f}% | {pts(ug['all.greedy_acc.delta'])} | "
                 f"{pts(gd['all.greedy_acc.delta'])} ({gd['trips']}/{n}) | "
-                f"{pts(pr['all.greedy_acc.delta'])} ({pr['trips']}/{n}) | "
-                f"{100 * gd['worst_delta']:+.1f} / {100 * pr['worst_delta']:+.1f} | "
-                f"{ug['collapsed']} / {gd['collapsed']} / {pr['collapsed']} |"
+                f"{100 * ug['worst_delta']:+.1f} / {100 * gd['worst_delta']:+.1f} | "
+                f"{ug['collapsed']} / {gd['collapsed']} |"
             )
         lines.append("")
         if setting == "main":
@@ -967,8 +938,8 @@ def paired_table(records: list[dict[str, Any]], model: str, setting: str, images
 
 
 def stress_markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str) -> str:
-    """Stress tables: greedy Δ without guard, with the engine's guard and the proposed one;
-    worst run, trips and collapses per (model, setting, variant)."""
+    """Stress tables: greedy Δ without guard and with the engine's guard; worst run, trips
+    and collapses per (model, setting, variant)."""
     lines = [
         f"Command: `{command}`",
         "",
@@ -979,31 +950,29 @@ def stress_markdown(records: list[dict[str, Any]], table: dict[str, Any], comman
         "all); *caught* = the "
         "unguarded run collapsed and the guard tripped.",
         "",
-        "| model | setting | variant | guard off | engine guard | proposed guard | worst "
-        "(off / engine / proposed) | trips (engine / proposed) | collapses off | "
-        "caught (engine / proposed) | collapses left (engine / proposed) |",
-        "|" + "---|" * 11,
+        "| model | setting | variant | guard off | engine guard | worst (off / engine) | "
+        "trips | collapses off | caught | collapses left |",
+        "|" + "---|" * 10,
     ]
     keys = sorted({(r["model"], r["setting"], r["images"]) for r in records if "baseline" not in r})
     for model, setting, images in keys:
         for row in _rows(table, model, setting, images):
             ug, gd = row["unguarded"], row["guarded"]
-            pr = row.get("proposed", gd)
             n = len(row["seeds"])
             label = setting if setting != "main" else f"K={images}"
             lines.append(
                 f"| {model} | {label} | {row['variant']} | {pts(ug['all.greedy_acc.delta'])} | "
-                f"{pts(gd['all.greedy_acc.delta'])} | {pts(pr['all.greedy_acc.delta'])} | "
-                f"{100 * ug['worst_delta']:+.1f} / {100 * gd['worst_delta']:+.1f} / "
-                f"{100 * pr['worst_delta']:+.1f} | {gd['trips']}/{n} / {pr['trips']}/{n} | "
-                f"{ug['collapsed']}/{n} | {gd['caught']} / {pr['caught']} | "
-                f"{gd['collapsed']} / {pr['collapsed']} |"
+                f"{pts(gd['all.greedy_acc.delta'])} | "
+                f"{100 * ug['worst_delta']:+.1f} / {100 * gd['worst_delta']:+.1f} | "
+                f"{gd['trips']}/{n} | {ug['collapsed']}/{n} | {gd['caught']} | "
+                f"{gd['collapsed']} |"
             )
     return "\n".join(lines)
 
 
 def letters_table(records: list[dict[str, Any]], model: str, setting: str, images: int) -> str:
-    """Per gold letter: greedy accuracy and how often each letter is given, mean over seeds."""
+    """Per gold letter: greedy accuracy and how often each letter is given, mean over seeds,
+    guard off (the per-letter metrics are stored for the final weights only)."""
     from ttrv.tasks import LETTERS
 
     out = [
@@ -1023,9 +992,11 @@ def letters_table(records: list[dict[str, Any]], model: str, setting: str, image
         cells = []
         for L in LETTERS[:4]:
             acc = statistics.fmean(
-                outcome(r)["per_letter"].get(L, {}).get("accuracy", 0.0) for r in recs
+                outcome(r, "unguarded")["per_letter"].get(L, {}).get("accuracy", 0.0) for r in recs
             )
-            share = statistics.fmean(outcome(r)["marginal_letters"].get(L, 0.0) for r in recs)
+            share = statistics.fmean(
+                outcome(r, "unguarded")["marginal_letters"].get(L, 0.0) for r in recs
+            )
             cells.append(f"{100 * acc:.0f}% / {100 * share:.0f}%")
         out.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -1092,8 +1063,12 @@ def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         "|---|---|---|---|" + "---|" * len(models),
     ]
     gstats: dict[tuple[str, bool], tuple[bool, int, float]] = {}
+    # Runs made before the held-out changed share was recorded cannot replay it.
+    heldout_changed = all("changed_heldout" in r["trajectory"].get("1", {}) for r in runs)
     for g, gcfg in GUARD_CANDIDATES.items():
         for monitor in (False, True):
+            if monitor and not heldout_changed and gcfg.get("max_changed_answers", 1.0) < 1:
+                continue
             reps = [(r, replay_record(r, gcfg, monitor)) for r in runs]
             harmful = sum(delta(r, rep["metrics"]) < -0.02 for r, rep in reps)
             trips = sum(rep["status"] != "done" for _, rep in reps)
@@ -1121,6 +1096,11 @@ def tune_report(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         return min(ok, key=lambda k: (gstats[k][1], -gstats[k][2]))[0]
 
     guard, monitor_guard = pick(False), pick(True)
+    if not heldout_changed:
+        glines.append(
+            "\n(Held-out rows of the `changed` candidates left out: these runs did not record "
+            "the changed share on the held-out images.)"
+        )
     md = (
         "\n".join(lines)
         + "\n\n"
@@ -1171,7 +1151,6 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
     if args.stress:
         settings = dict(STRESS_SETTINGS)
         variants = args.variants or STRESS_VARIANTS
-    guards = {"proposed": PROPOSED_GUARD} if PROPOSED_GUARD else {}
     for m in models:
         for s in seeds:
             for v in variants:
@@ -1179,9 +1158,7 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
                     jobs.append(Job(m, v, s, args.images))
                     continue
                 for name, over in settings.items():
-                    jobs.append(
-                        Job(m, v, s, args.images, setting=name, overrides=over, guards=guards)
-                    )
+                    jobs.append(Job(m, v, s, args.images, setting=name, overrides=over))
     return jobs
 
 
@@ -1279,6 +1256,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = sum(s_["seconds"] for s_ in saved)
         command = " ; ".join(s_["command"] for s_ in saved)
         path = files[0].with_suffix("") if len(files) == 1 else path
+        args.tune = args.tune or "--tune" in command.split()
+        args.stress = args.stress or "--stress" in command.split()
+        records = replay_engine_guard(records)
     else:
         t0 = time.perf_counter()
         records = run_jobs(build_jobs(args, chosen), models, limits, rollout, args.workers)
@@ -1287,6 +1267,13 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, {"command": command, "seconds": elapsed}, records)
     md, table = report(records, command, args.tune, elapsed, args.workers, args.stress)
+    if args.report:
+        md += (
+            f"\nTables rebuilt by `python -m bench.benchmark --report {args.report}` (no "
+            "adaptation rerun): each run's engine-guard outcome re-decided from its stored "
+            "per-round greedy answers with the guard settings of the current code "
+            "(`ttrv.config.GuardConfig`).\n"
+        )
     print(md)
     if not args.no_write:
         write_json(
@@ -1295,6 +1282,45 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".md").write_text(md)
         print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
     return 0
+
+
+def setting_overrides(setting: str) -> dict[str, Any]:
+    """The overrides a job of this setting ran with (main, a stress setting or a tune one)."""
+    if setting in STRESS_SETTINGS:
+        return STRESS_SETTINGS[setting]
+    if setting in TUNE_GRID:
+        return TUNE_GRID[setting][1]
+    return {}
+
+
+def replay_engine_guard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored runs with their engine-guard outcome re-decided by the current guard code,
+    from the per-round greedy answers they recorded (no model is run). The guard settings
+    are those of the run's config; fields the run predates (e.g. `max_changed_answers`)
+    take the value its job would get now (GuardConfig defaults, then the variant's and the
+    setting's overrides). Runs without stored rounds are kept as they are."""
+    out = []
+    for r in records:
+        if "baseline" in r or "trajectory" not in r or "rounds" not in r:
+            out.append(r)
+            continue
+        job = Job(
+            r["model"],
+            r["variant"],
+            r["seed"],
+            r["images"],
+            split=r["split"],
+            setting=r["setting"],
+            overrides=setting_overrides(r["setting"]),
+        )
+        current = _asdict(job_config(job, r["config"]["model"]["model"]).guard)
+        guard = {**current, **r["config"]["guard"]}
+        decided = replay_record(r, guard)
+        decided.pop("metrics")  # `outcome` finds them (final weights or a stored round)
+        r = {**r, "config": {**r["config"], "guard": guard}, "guarded": decided}
+        r.pop("guarded_proposed", None)  # an older file's replayed candidate guard
+        out.append(r)
+    return out
 
 
 def write_json(path: Path, head: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -1329,7 +1355,7 @@ def report(
             }
         )
         for m, setting, images in mains:
-            md += f"\n\n#### {m}: greedy accuracy by gold option letter (K={images})\n\n"
+            md += f"\n\n#### {m}: greedy accuracy by gold option letter (K={images}, guard off)\n\n"
             md += letters_table(records, m, setting, images)
     md += f"\n\nWall time {elapsed / 60:.1f} min ({workers} worker processes).\n"
     return md, table
@@ -1347,14 +1373,13 @@ def compact(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
         if cfg is not None:
             configs.setdefault(f"{r['model']}|{r['variant']}|{r['setting']}", cfg)
             r["guard_on"] = cfg["guard"]["guard"]
-        for key in ("guarded", "guarded_proposed"):
-            if key in r and "metrics" in r[key]:
-                entry = dict(r[key])
-                if entry["round"] == r["unguarded"]["round"] or str(entry["round"]) in r.get(
-                    "trajectory", {}
-                ):
-                    entry.pop("metrics")
-                r[key] = entry
+        if "guarded" in r and "metrics" in r["guarded"]:
+            entry = dict(r["guarded"])
+            if entry["round"] == r["unguarded"]["round"] or str(entry["round"]) in r.get(
+                "trajectory", {}
+            ):
+                entry.pop("metrics")
+            r["guarded"] = entry
         out.append(r)
     return out, configs
 

@@ -116,12 +116,47 @@ def test_replay_rolls_back_to_best_round_on_trip():
         {"answers": _answers(["1", "2", "3", "4"])},  # back to the base: score 1, best
         {"answers": _answers(["4", "4", "4", "4"])},  # collapse: trips
     ]
-    loose = {"max_marginal_entropy_drop": 0.35}  # round 1's 25% drop is tolerated here
+    # round 1's 25% entropy drop and 1 of 4 changed answers are tolerated here
+    loose = {"max_marginal_entropy_drop": 0.35, "max_changed_answers": 0.3}
     out = replay_guard(task, [None] * 4, before, rounds, {"guard": False, **loose})
     assert (out["round"], out["status"], out["tripped_at"]) == (2, "guard_stopped", 3)
     assert "single answer" in out["reason"]
     calm = replay_guard(task, [None] * 4, before, rounds[:2], loose)
     assert (calm["round"], calm["status"]) == (2, "done")
+    # the engine default (max_changed_answers 0.15) trips on round 1's changed answer
+    strict = replay_guard(task, [None] * 4, before, rounds, {"max_marginal_entropy_drop": 0.35})
+    assert (strict["round"], strict["tripped_at"]) == (0, 1)
+    assert "25% of the images" in strict["reason"]
+
+
+def test_report_replays_the_current_engine_guard_on_stored_runs():
+    """Guards `--report`: a stored run's engine-guard outcome is re-decided from its stored
+    per-round answers with the current guard, fields the run predates taking the current
+    defaults (here max_changed_answers), the run's own settings kept."""
+    from bench.benchmark import replay_engine_guard
+    from ttrv.config import AdaptConfig, TaskConfig
+    from ttrv.digits import MC_QUESTION
+
+    task = TaskConfig(kind="multiple_choice", question=MC_QUESTION)
+    cfg = AdaptConfig(task=task).to_dict()
+    old_guard = {k: v for k, v in cfg["guard"].items() if k != "max_changed_answers"}
+    old_guard["max_marginal_entropy_drop"] = 0.5  # the run's own setting, kept
+    swapped = ["4", "3", "2", "1"]  # every answer moves, the answer marginal does not
+    record = {
+        "model": "base", "variant": "default", "seed": 0, "images": 4, "split": "val",
+        "setting": "main", "config": {**cfg, "guard": old_guard},
+        "adapted_positions": [0, 1, 2, 3], "before": ["1", "2", "3", "4"],
+        "rounds": [{"answers": swapped}],
+        "unguarded": {"round": 1, "metrics": {"final": True}},
+        "guarded": {"round": 1, "status": "done", "reason": "", "tripped_at": None},
+        "trajectory": {"0": {"round0": True}, "1": {"final": True}},
+    }  # fmt: skip
+    (new,) = replay_engine_guard([record])
+    assert new["guarded"]["status"] == "guard_stopped" and new["guarded"]["round"] == 0
+    assert "100% of the images" in new["guarded"]["reason"]
+    assert new["config"]["guard"]["max_changed_answers"] == pytest.approx(0.15)
+    assert new["config"]["guard"]["max_marginal_entropy_drop"] == 0.5
+    assert record["guarded"]["status"] == "done"  # the input is not modified
 
 
 # ---------------------------------------------------------------------------------------

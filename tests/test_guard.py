@@ -1,12 +1,14 @@
 """Guard signals and verdicts on hand-made answer lists."""
 
+import json
 import math
 
 import pytest
 
 from ttrv.answers import INVALID
-from ttrv.config import GuardConfig
-from ttrv.guard import check, marginal_entropy, score, signals
+from ttrv.cli import build_parser, config_from_args
+from ttrv.config import ConfigError, GuardConfig
+from ttrv.guard import changed_share, check, marginal_entropy, score, signals
 
 
 def test_marginal_entropy_hand_computed():
@@ -51,3 +53,76 @@ def test_letter_position_bias_trips_even_when_contents_stay_diverse():
     now = signals(answers, positions=[0, 0, 0, 0, 0, 3])
     verdict = check(base, now, GuardConfig())
     assert verdict.tripped and "letter" in verdict.reason
+
+
+# -- answers changed since before adaptation (max_changed_answers) ----------------------------
+
+
+def test_changed_share_counts_only_valid_to_other_valid():
+    """Guards the definition: invalid -> valid (an off-format model learning the format) and
+    valid -> invalid (the invalid-rate check's job) do not count; the denominator is the
+    images with a valid answer before."""
+    before = ["1", "2", "3", "4", INVALID, INVALID]
+    now = ["1", "5", INVALID, "4", "7", INVALID]
+    assert changed_share(before, now) == pytest.approx(1 / 4)  # only "2" -> "5"
+    assert changed_share([INVALID] * 3, ["1", "2", "3"]) == 0.0  # nothing valid before
+    assert changed_share(["1", "2"], ["2", "1"]) == 1.0
+    with pytest.raises(ValueError, match="answers"):
+        changed_share(["1", "2"], ["1"])
+
+
+def test_signals_record_the_changed_share_only_against_before():
+    base = signals(["1", "2", "3", "4"])
+    assert base.changed_answers is None
+    now = signals(["1", "2", "3", "5"], before=["1", "2", "3", "4"])
+    assert now.changed_answers == pytest.approx(0.25)
+    json.dumps(now.to_dict())  # guard events carry the signals as JSON
+    assert now.to_dict()["changed_answers"] == pytest.approx(0.25)
+
+
+def test_too_many_changed_answers_trips_and_says_how_many():
+    before = [str(i % 10) for i in range(20)]
+    now_answers = list(before)
+    for i in (0, 2):  # two swaps: 4 of 20 images (20%) give another valid answer
+        now_answers[i], now_answers[i + 1] = before[i + 1], before[i]
+    base = signals(before)
+    now = signals(now_answers, before=before)
+    # answer diversity and invalid rate are untouched: only the new check can trip
+    assert now.marginal_entropy == pytest.approx(base.marginal_entropy)
+    assert now.invalid_rate == 0.0
+    verdict = check(base, now, GuardConfig(max_changed_answers=0.15))
+    assert verdict.tripped
+    assert "20%" in verdict.reason and "15%" in verdict.reason
+    assert "different answer" in verdict.reason
+    assert not check(base, now, GuardConfig(max_changed_answers=0.2)).tripped  # not > 20%
+    assert not check(base, now, GuardConfig(max_changed_answers=1.0)).tripped
+
+
+def test_off_format_model_learning_the_format_does_not_trip_the_changed_check():
+    """The off-format model's gain (invalid -> valid answers) must not look like harm."""
+    before = [INVALID] * 8 + ["3", "7"]
+    now_answers = ["0", "1", "2", "3", "4", "5", "6", "7", "3", "7"]
+    verdict = check(signals(before), signals(now_answers, before=before), GuardConfig())
+    assert not verdict.tripped, verdict.reason
+
+
+def test_max_changed_answers_is_validated_and_has_a_flag():
+    assert GuardConfig().max_changed_answers == pytest.approx(0.15)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="max_changed_answers"):
+            GuardConfig(max_changed_answers=bad)
+    args = build_parser().parse_args(["adapt", "--max-changed-answers", "0.3"])
+    assert config_from_args(args).guard.max_changed_answers == pytest.approx(0.3)
+
+
+def test_greedy_signals_pass_the_answers_before_adaptation():
+    """The engine's call site: `adapt` hands `greedy_signals` the before-adaptation answers."""
+    from ttrv.adapt import greedy_signals
+    from ttrv.config import TaskConfig
+
+    before = [{"answer": a} for a in ["1", "2", INVALID, "4"]]
+    now = [{"answer": a} for a in ["1", "3", "5", "4"]]
+    items = [None] * 4  # open questions: items are not looked at
+    sig = greedy_signals(TaskConfig(kind="open"), items, now, before)
+    assert sig.changed_answers == pytest.approx(1 / 3)
+    assert greedy_signals(TaskConfig(kind="open"), items, now).changed_answers is None

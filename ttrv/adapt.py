@@ -86,8 +86,14 @@ def answer_stats(answers: list[str]) -> tuple[float, float, float]:
     return consensus, entropy, invalid
 
 
-def greedy_signals(task: Any, items: list[Item], answers: list[dict[str, str]]) -> Any:
-    """Guard signals of one set of greedy answers (option positions for multiple choice)."""
+def greedy_signals(
+    task: Any,
+    items: list[Item],
+    answers: list[dict[str, str]],
+    before: list[dict[str, str]] | None = None,
+) -> Any:
+    """Guard signals of one set of greedy answers (option positions for multiple choice);
+    `before`: the same images' greedy answers before adaptation (for the changed share)."""
     positions = None
     if task.kind == "multiple_choice":
         positions = []
@@ -95,7 +101,11 @@ def greedy_signals(task: Any, items: list[Item], answers: list[dict[str, str]]) 
             options = [canonical_label(o, task) for o in item_options(task, item)]
             if a["answer"] in options:
                 positions.append(options.index(a["answer"]))
-    return guard_mod.signals([a["answer"] for a in answers], positions=positions)
+    return guard_mod.signals(
+        [a["answer"] for a in answers],
+        positions=positions,
+        before=[b["answer"] for b in before] if before is not None else None,
+    )
 
 
 def is_converged(group: Group) -> bool:
@@ -372,7 +382,7 @@ def adapt(
         state["order"] = None
         answers = greedy_answers(policy, items, cfg.task, cfg.rollout)
         sink("answers", {"phase": f"round-{rnd + 1}", "answers": answers})
-        now = greedy_signals(cfg.task, items, answers)
+        now = greedy_signals(cfg.task, items, answers, before)
         if cfg.guard.guard:
             verdict = guard_mod.check(base_signals, now, cfg.guard)
             if verdict.tripped:

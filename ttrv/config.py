@@ -284,11 +284,24 @@ class GuardConfig:
     max_kl: float = field(
         default=0.5, metadata=_help("Stop when mean KL to the base exceeds this.", minimum=0)
     )
+    max_changed_answers: float = field(
+        default=0.15,
+        metadata=_help(
+            "Stop when more than this share of the images with a valid greedy answer before "
+            "adaptation now give another valid answer (1 = never).",
+            minimum=0,
+            maximum=1,
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check(0 <= self.max_marginal_entropy_drop <= 1, "max_marginal_entropy_drop in [0, 1].")
         _check(self.max_invalid_rise >= 0, "max_invalid_rise must be >= 0.")
         _check(self.max_kl > 0, "max_kl must be > 0.")
+        _check(
+            0 <= self.max_changed_answers <= 1,
+            f"max_changed_answers must be in [0, 1] (got {self.max_changed_answers}).",
+        )
 
 
 @dataclass

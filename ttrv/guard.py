@@ -8,6 +8,10 @@ that need none, compared with the model before adaptation:
   is collapsing onto fewer answers than it gave before;
 - answers disappearing from the marginal altogether;
 - the invalid rate rising (collapse onto empty or off-format output);
+- too many images changing their answer: the share of images whose valid greedy answer
+  before adaptation is now another valid answer (a behavioural trust region: on the
+  benchmark's val split, runs that harmed had moved many answers while the selected
+  setting's gains moved few);
 - the KL to the base model growing past a bound (when it is measured).
 
 Every function here is pure; the adaptation loop calls `check` after each round and
@@ -43,16 +47,39 @@ class Signals:
     # Multiple choice: entropy of the chosen option *positions* (letters). Voting over
     # contents hides a letter-slot bias that wipes out one letter (the miniature study's "B").
     position_entropy: float | None = None
+    # Share of images whose valid answer before adaptation is now another valid answer
+    # (`changed_share`); None for the signals before adaptation.
+    changed_answers: float | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 
+def changed_share(before: Sequence[str], now: Sequence[str]) -> float:
+    """Share of the images with a valid answer before whose answer is now another valid one.
+
+    Invalid -> valid (an off-format model learning the format) and valid -> invalid (counted
+    by the invalid rate) do not count; 0.0 when no image had a valid answer before.
+
+    >>> changed_share(["1", "2", INVALID, "4"], ["1", "3", "5", INVALID])
+    0.3333333333333333
+    """
+    if len(before) != len(now):
+        raise ValueError(f"{len(before)} answers before adaptation but {len(now)} now.")
+    valid = [i for i, a in enumerate(before) if a != INVALID]
+    moved = sum(now[i] != before[i] and now[i] != INVALID for i in valid)
+    return moved / len(valid) if valid else 0.0
+
+
 def signals(
-    answers: Sequence[str], kl: float | None = None, positions: Sequence[int] | None = None
+    answers: Sequence[str],
+    kl: float | None = None,
+    positions: Sequence[int] | None = None,
+    before: Sequence[str] | None = None,
 ) -> Signals:
     """Signals of one set of greedy answers (one per image); `positions` are the chosen
-    option indices of a multiple-choice task (invalid answers left out)."""
+    option indices of a multiple-choice task (invalid answers left out); `before` are the
+    same images' greedy answers before adaptation (for `changed_answers`)."""
     n = max(1, len(answers))
     valid = {a for a in answers if a != INVALID}
     return Signals(
@@ -61,6 +88,7 @@ def signals(
         invalid_rate=sum(a == INVALID for a in answers) / n,
         kl=kl,
         position_entropy=marginal_entropy([str(p) for p in positions]) if positions else None,
+        changed_answers=changed_share(before, answers) if before is not None else None,
     )
 
 
@@ -96,6 +124,11 @@ def check(base: Signals, now: Signals, cfg: GuardConfig) -> Verdict:
         )
     if now.kl is not None and now.kl > cfg.max_kl:
         reasons.append(f"KL to the base model reached {now.kl:.3f} (> {cfg.max_kl})")
+    if now.changed_answers is not None and now.changed_answers > cfg.max_changed_answers:
+        reasons.append(
+            f"{now.changed_answers:.0%} of the images with a valid answer before adaptation "
+            f"now give a different answer (> {cfg.max_changed_answers:.0%})"
+        )
     return Verdict(bool(reasons), "; ".join(reasons))
 
 
