@@ -181,14 +181,20 @@ def resolve_models(choice: str) -> list[tuple[str, Path, bool]]:
 
 
 def task_config() -> Any:
-    """The paper's multiple-choice protocol on digits (each image carries its 4 options)."""
+    """The paper's multiple-choice protocol on digits (each image carries its 4 options).
+
+    One option order per image: TRL's GRPOTrainer samples all N rollouts of a prompt from
+    that one prompt, so the engine's default of several orders would be different work.
+    """
     from ttrv.config import TaskConfig
 
     try:
         from ttrv.digits import MC_QUESTION
     except ImportError:  # digits module absent: random images with fixed options
-        return TaskConfig(kind="multiple_choice", question="What is shown?", options="A,B,C,D")
-    return TaskConfig(kind="multiple_choice", question=MC_QUESTION, options="")
+        return TaskConfig(
+            kind="multiple_choice", question="What is shown?", options="A,B,C,D", option_orders=1
+        )
+    return TaskConfig(kind="multiple_choice", question=MC_QUESTION, options="", option_orders=1)
 
 
 def bench_items(n: int, seed: int = 0) -> list[Any]:
