@@ -11,20 +11,18 @@ Setup as in `bench.speed` (same `Spec`, images, prompt, TTRV reward with group s
 torch thread). Each optimisation is switched off for a run by configuration or, where the
 engine has no switch, by patching one function for that run only (`unittest.mock.patch`):
 
-- image features cached vs re-encoded: `make_policy(loaded, cache_images=False)`'s cache.
+- batching across images vs one prompt per call: `ttrv.rollout.stackable` answering False,
+  so rollouts call `generate` once per prompt and training scores one prompt at a time
+  (the engine's fallback for inputs it cannot stack).
+- shared prompt prefix vs full sequences: `Policy.shared_prefix` off (each rollout row
+  prefills its own copy of the prompt; each trained row carries its prompt).
+- image features cached vs re-encoded: the policy's `ImageCache` disabled, as
+  `make_policy(loaded, cache_images=False)` does (raw pixels cannot be stacked, so this
+  also turns batching and the shared prefix off, as in the engine).
 - zero-advantage groups skipped vs trained: `ttrv.grpo._trained_rows` keeping zero rows.
-- no reference pass at beta 0 vs beta 0.001 (one disabled-adapter forward per group).
+- no reference pass at beta 0 vs beta 0.001 (one disabled-adapter forward per micro-batch).
 - `logits_to_keep` vs full logits: the model called with `logits_to_keep=0`, then sliced.
 - converged images dropped (`OptimConfig.skip_converged`): figure "converged", via `adapt`.
-
-Two engine changes proposed by this benchmark are measured the same way (patched in):
-
-- `shared_prefix_logprobs` (for `ttrv.rollout.sequence_logprobs`): the K completions of a
-  prompt share one prompt forward (its KV cache, with gradient, repeated K times) instead of
-  K copies of the prompt in the batch. Same log-probs and gradients (checked here).
-- `shared_prefill_sample` (for `ttrv.rollout.sample`): the prompt is prefilled once and its
-  KV cache repeated N times, instead of N identical prefills inside `generate`. Same samples
-  for the same seed (checked here).
 
 Medians over `--repeats` runs (configurations interleaved), each the median step time after
 one warm-up step. Wall and process-CPU seconds are both reported: the machine is shared.
@@ -44,8 +42,6 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
-import torch
-
 from bench.speed import (
     LARGE,
     MODEL_DIR,
@@ -54,7 +50,6 @@ from bench.speed import (
     bench_items,
     build_llava,
     bundled_model_dir,
-    load_ours,
     resolve_models,
     run_ours,
     run_worker,
@@ -73,72 +68,6 @@ MEDIUM = {
     "vision_heads": 4,
     "vision_mlp": 512,
 }
-
-
-# ---- the proposed engine changes (prototypes, patched in for measurement) -------------------
-
-
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def shared_prefix_logprobs(
-    model: Any, enc: Any, completions: list[torch.Tensor], pad: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for `ttrv.rollout.sequence_logprobs`: one prompt forward shared by the K
-    completions. Returns (logprobs [K, T], mask [K, T]) like the original.
-
-    The prompt runs once with `use_cache=True` (gradient kept through its keys/values),
-    keeps only its last logit (it predicts completion token 0), and its cache is repeated
-    K times; the completions (minus their last token) then run on top of it.
-    """
-    k = len(completions)
-    t = max(len(c) for c in completions)
-    device = enc.input_ids.device
-    comp = torch.full((k, t), pad, dtype=torch.long, device=device)  # [K, T]
-    mask = torch.zeros((k, t), dtype=torch.float32, device=device)  # [K, T]
-    for i, c in enumerate(completions):
-        comp[i, : len(c)] = c.to(device)
-        mask[i, : len(c)] = 1.0
-    kwargs = enc.kwargs()
-    prefix = model(input_ids=enc.input_ids, use_cache=True, logits_to_keep=1, **kwargs)
-    logits = prefix.logits[:, -1:, :].expand(k, 1, -1)  # [K, 1, V]
-    if t > 1:
-        cache = _cache_of(prefix)
-        cache.batch_repeat_interleave(k)
-        attention = torch.cat([kwargs["attention_mask"].expand(k, -1), mask.long()], 1)
-        rest = model(
-            input_ids=comp[:, :-1], cache=cache, attention_mask=attention[:, :-1], use_cache=False
-        )
-        logits = torch.cat([logits, rest.logits], dim=1)  # [K, T, V]
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
-
-
-@torch.no_grad()
-def shared_prefill_sample(model: Any, enc: Any, n: int, gen_kwargs: dict[str, Any]) -> torch.Tensor:
-    """Drop-in for `ttrv.rollout.sample`: prefill the prompt (all but its last token) once,
-    repeat its KV cache n times, and let `generate` continue from it. [n, T] token ids."""
-    kwargs = enc.kwargs()
-    attention = kwargs.pop("attention_mask")
-    prefill = model(
-        input_ids=enc.input_ids[:, :-1],
-        attention_mask=attention[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-        **kwargs,
-    )
-    cache = _cache_of(prefill)
-    cache.batch_repeat_interleave(n)
-    out = model.generate(
-        input_ids=enc.input_ids.expand(n, -1),
-        attention_mask=attention.expand(n, -1),
-        cache=cache,
-        **gen_kwargs,
-    )
-    return out[:, enc.length :]  # [n, T]
 
 
 # ---- switching the engine's optimisations off -------------------------------------------------
@@ -170,16 +99,27 @@ class _FullLogits:
         return getattr(self._model, name)
 
 
-def full_logits_logprobs(model: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    from ttrv import rollout
-
-    return rollout.sequence_logprobs(_FullLogits(model), *args)
+def full_logits(policy: Any, loaded: Any) -> Any:
+    """The policy with a model that computes logits at every position (`_FullLogits`)."""
+    return dataclasses.replace(policy, model=_FullLogits(policy.model))
 
 
 def no_image_cache(policy: Any, loaded: Any) -> Any:
+    """As `make_policy(loaded, cache_images=False)`: pixels re-encoded on every call (raw
+    pixels are not stacked across images, and the shared prefix needs cached features)."""
     from ttrv.rollout import ImageCache
 
-    return dataclasses.replace(policy, cache=ImageCache(loaded.model, enabled=False))
+    return dataclasses.replace(
+        policy, cache=ImageCache(loaded.model, enabled=False), shared_prefix=False
+    )
+
+
+def no_shared_prefix(policy: Any, loaded: Any) -> Any:
+    return dataclasses.replace(policy, shared_prefix=False)
+
+
+def _never_stackable(encoded: Any) -> bool:
+    return False
 
 
 @dataclasses.dataclass
@@ -199,25 +139,20 @@ class Variant:
             yield
 
 
-SHARED_SCORING = ("ttrv.grpo", "sequence_logprobs", shared_prefix_logprobs)
-SHARED_PREFILL = ("ttrv.rollout", "sample", shared_prefill_sample)
-
-PROPOSED = Variant("proposed: both", patches=[SHARED_SCORING, SHARED_PREFILL])
 VARIANTS = [
     Variant("engine as is"),
+    Variant(
+        "one prompt per call (no batching across images)",
+        patches=[("ttrv.rollout", "stackable", _never_stackable)],
+    ),
+    Variant("no shared prompt prefix", policy_hook=no_shared_prefix),
     Variant("image features re-encoded", policy_hook=no_image_cache),
     Variant("reference pass (beta 0.001)", spec_changes={"beta": 0.001}),
-    Variant(
-        "full logits (no logits_to_keep)",
-        patches=[("ttrv.grpo", "sequence_logprobs", full_logits_logprobs)],
-    ),
+    Variant("full logits (no logits_to_keep)", policy_hook=full_logits),
     Variant(
         "zero-advantage groups trained",
         patches=[("ttrv.grpo", "_trained_rows", keep_zero_advantage_rows)],
     ),
-    Variant("proposed: shared prefix in scoring", patches=[SHARED_SCORING]),
-    Variant("proposed: shared prefill in rollouts", patches=[SHARED_PREFILL]),
-    PROPOSED,
 ]
 # Nucleus sampling this narrow keeps only the top token (greedy-equivalent): every group
 # agrees, the case the zero-advantage skip and skip_converged are for.
@@ -244,7 +179,7 @@ def median_step(run: dict[str, Any], warmup: int) -> tuple[float, float]:
 def figure_optimisations(
     spec: Spec, repeats: int, only: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Seconds per step with each optimisation switched off (or each proposal switched on).
+    """Seconds per step with each optimisation switched off.
 
     `only`: name substrings to keep (the "engine as is" baseline always runs)."""
     variants = [
@@ -275,66 +210,17 @@ def figure_optimisations(
         f"{spec.steps} steps ({spec.warmup} warm-up) x {repeats} repeats, {spec.threads} thread"
     )
     print(
-        f"{'variant':<40} {'wall s/step':>11} {'cpu s/step':>10} {'vs as is (cpu)':>14} "
+        f"{'variant':<48} {'wall s/step':>11} {'cpu s/step':>10} {'vs as is (cpu)':>14} "
         f"{'tok/step':>8} {'skipped':>9}"
     )
     for r in rows:
         ref = base["engine as is"] if "agree" not in r["variant"] else base[SKIP_VARIANTS[0].name]
         print(
-            f"{r['variant']:<40} {r['wall_s']:>11.3f} {r['cpu_s']:>10.3f} "
+            f"{r['variant']:<48} {r['wall_s']:>11.3f} {r['cpu_s']:>10.3f} "
             f"{r['cpu_s'] / ref['cpu_s']:>13.2f}x {r['tokens']:>8.1f} "
             f"{r['groups_skipped']:>4}/{r['groups']:<4}"
         )
     return rows
-
-
-# ---- equivalence of the proposals ------------------------------------------------------------
-
-
-def check_proposals(spec: Spec) -> dict[str, float | bool]:
-    """Shared-prefix scoring gives the same log-probs/gradients; shared prefill the same samples."""
-    from ttrv.rollout import rollout_group, sample, sequence_logprobs
-    from ttrv.tasks import build_prompt
-
-    setup_torch(spec)
-    cfg = adapt_config(dataclasses.replace(spec, temperature=0.8))
-    _, policy, params, _ = load_ours(spec, cfg)
-    with torch.no_grad():  # a non-trivial adapter
-        gen = torch.Generator().manual_seed(1)
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    items = bench_items(2, spec.seed)
-    groups = [rollout_group(policy, it, cfg.task, cfg.rollout, [None]) for it in items]
-    policy.model.train()
-    results = {}
-    for fn in (sequence_logprobs, shared_prefix_logprobs):
-        for p in params:
-            p.grad = None
-        logps = []
-        for g in groups:
-            logp, _ = fn(policy.model, g.encoded[0], g.completions, policy.pad, 0.8)
-            logp.sum().backward()
-            logps.append(logp.detach())
-        results[fn.__name__] = (logps, torch.cat([p.grad.flatten() for p in params]))
-    policy.model.eval()
-    (l0, g0), (l1, g1) = results.values()
-    gen_kwargs = policy.generation_kwargs(cfg.rollout, sample=True)
-    same = True
-    for item in items:
-        enc = policy.encode(build_prompt(cfg.task, item), item)
-        torch.manual_seed(0)
-        a = sample(policy.model, enc, spec.n, gen_kwargs)
-        torch.manual_seed(0)
-        b = shared_prefill_sample(policy.model, enc, spec.n, gen_kwargs)
-        same &= torch.equal(a, b)
-    out = {
-        "logp_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(l0, l1, strict=True)),
-        "grad_max_rel_diff": float((g0 - g1).abs().max() / g0.abs().max()),
-        "prefill_samples_identical": bool(same),
-    }
-    print(f"\n== proposals equivalence ({spec.label}): {out}")
-    return out
 
 
 # ---- converged vs fresh rounds (through adapt) -----------------------------------------------
@@ -362,8 +248,8 @@ def round_times(spec: Spec, rounds: int, skip_converged: bool) -> dict[str, Any]
         passes.append((start, time.perf_counter()))
         return out
 
-    def restricted_policy(loaded_: Any, cache_images: bool = True) -> Any:
-        policy = original_policy(loaded_, cache_images)
+    def restricted_policy(loaded_: Any, *args: Any, **kwargs: Any) -> Any:
+        policy = original_policy(loaded_, *args, **kwargs)
         policy.suppress = suppress_ids(spec, loaded_.tokenizer, loaded_.model)
         return policy
 
@@ -554,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
     if "optimisations" in figures:
-        out["proposals_check"] = check_proposals(spec)
         out["optimisations"] = figure_optimisations(spec, args.repeats, args.variant)
     if "converged" in figures:
         out["converged"] = figure_converged(spec, args.repeats)

@@ -2,7 +2,6 @@
 
     python -m bench.speed                     # bundled model and the larger config (~4-6 min)
     python -m bench.speed --quick             # bundled model only, 3 steps (~20 s)
-    python -m bench.speed --engine ours proposed trl   # + ours with bench.scaling's proposals
     python -m bench.speed --model large --steps 8 --repeats 2
     python -m bench.speed --device cuda --dtype bfloat16 --quantization 4bit --model large
 
@@ -416,11 +415,6 @@ def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
 def worker(engine: str, spec: Spec) -> dict[str, Any]:
     if engine == "ours":
         return run_ours(spec)
-    if engine == "proposed":  # ours with the two changes bench.scaling proposes, patched in
-        from bench.scaling import PROPOSED
-
-        with PROPOSED.applied():
-            return dict(run_ours(spec), engine="proposed")
     from bench.trl_compare import run_trl
 
     return run_trl(spec)
@@ -500,8 +494,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engine",
         nargs="+",
         default=["ours", "trl"],
-        choices=["ours", "proposed", "trl"],
-        help="engines to run, in this order (proposed: ours + bench.scaling's two proposals)",
+        choices=["ours", "trl"],
+        help="engines to run, in this order",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 6; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
@@ -516,7 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per engine")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
-    p.add_argument("--worker", choices=["ours", "proposed", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
