@@ -1,6 +1,6 @@
 """The TTRV benchmark on the bundled digits models: the paper's protocol, paired over seeds.
 
-    python -m bench.benchmark --quick            # < 3 min: 2 seeds, 3 variants
+    python -m bench.benchmark --quick            # 2 seeds: none, default, ttrv_paper (target < 3 min)
     python -m bench.benchmark                    # full table (5 seeds, every variant)
     python -m bench.benchmark --images 200       # adapt on 200 unlabeled images
     python -m bench.benchmark --stress           # pushed settings, with and without guard
@@ -1168,7 +1168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 4 variants (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds: none, default, ttrv_paper")
     ap.add_argument(
         "--dry",
         action="store_true",
