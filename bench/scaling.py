@@ -50,6 +50,7 @@ from bench.speed import (
     bench_items,
     build_llava,
     bundled_model_dir,
+    keep_zero_advantage_rows,
     resolve_models,
     run_ours,
     run_worker,
@@ -71,15 +72,6 @@ MEDIUM = {
 
 
 # ---- switching the engine's optimisations off -------------------------------------------------
-
-
-def keep_zero_advantage_rows(group: Any, advantages: Any) -> dict[int, list[int]]:
-    """`ttrv.grpo._trained_rows` without the zero-advantage filter."""
-    rows: dict[int, list[int]] = {}
-    for i, trained in enumerate(group.train_mask):
-        if trained:
-            rows.setdefault(group.prompt_index[i], []).append(i)
-    return rows
 
 
 class _FullLogits:

@@ -3,6 +3,7 @@
     python -m bench.speed                     # bundled model and the larger config (~4-6 min)
     python -m bench.speed --quick             # bundled model only, 3 steps (~20 s)
     python -m bench.speed --model large --steps 8 --repeats 2
+    python -m bench.speed --engine ours ours-all trl   # + ours training every group, like TRL
     python -m bench.speed --device cuda --dtype bfloat16 --quantization 4bit --model large
 
 Needs `pip install -r requirements-bench.txt` (TRL); `--engine ours` runs without it.
@@ -15,6 +16,11 @@ per step, with the same TTRV reward (`ttrv.rewards.make_reward`) and the same su
 tokens. Every TRL setting is written out in `bench.trl_compare.grpo_args`. Both sides train
 on all N rollouts (K = N) with per-image ("group") advantage scope: TRL always centres
 rewards per group, so our default batch scope cannot be reproduced there.
+
+Not the same work in one respect: this engine skips the forward and backward pass of a
+group whose advantages are all zero (every rollout agreed; it would add exactly zero
+gradient), TRL computes them. The "skipped" column counts those groups; `--engine ours-all`
+runs this engine with the skip off, the same work as TRL.
 
 Each engine runs in a subprocess of its own (clean peak memory; TRL patches the model's
 forward), one torch thread by default (`--threads`), the engines alternating when
@@ -412,9 +418,23 @@ def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
 # ---- driver ----------------------------------------------------------------------------------
 
 
+def keep_zero_advantage_rows(group: Any, advantages: Any) -> dict[int, list[int]]:
+    """`ttrv.grpo._trained_rows` without the zero-advantage filter: every trained rollout."""
+    rows: dict[int, list[int]] = {}
+    for i, trained in enumerate(group.train_mask):
+        if trained:
+            rows.setdefault(group.prompt_index[i], []).append(i)
+    return rows
+
+
 def worker(engine: str, spec: Spec) -> dict[str, Any]:
     if engine == "ours":
         return run_ours(spec)
+    if engine == "ours-all":  # every group trained, as TRL does: the zero-advantage skip off
+        from unittest.mock import patch
+
+        with patch("ttrv.grpo._trained_rows", keep_zero_advantage_rows):
+            return dict(run_ours(spec), engine="ours-all")
     from bench.trl_compare import run_trl
 
     return run_trl(spec)
@@ -494,8 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engine",
         nargs="+",
         default=["ours", "trl"],
-        choices=["ours", "trl"],
-        help="engines to run, in this order",
+        choices=["ours", "ours-all", "trl"],
+        help="engines to run, in this order (ours-all: ours training zero-advantage groups "
+        "too, as TRL does)",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 6; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
@@ -510,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per engine")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "ours-all", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
