@@ -12,7 +12,7 @@
 #
 # Packages, in this order:
 # - Wheels in .whl/ (the lent machines have no network: download them here, see
-#   docs/performance.md) are unpacked into /tmp/ttrv-site and put first on PYTHONPATH.
+#   docs/performance.md, "GPU") are unpacked into /tmp/ttrv-site and put first on PYTHONPATH.
 #   They must not include torch: the machine's CUDA build of torch is kept.
 # - Otherwise pip installs the requirements without the torch pin; offline, pip fails and
 #   the script carries on with what is installed, printing the versions.
@@ -98,5 +98,30 @@ for QUANT in none 4bit; do
     timeout 150 $PY -m bench.speed --model large --engine $ENGINES --device cuda --dtype bfloat16 \
         --quantization "$QUANT" --steps "$STEPS" --json "$OUT/speed-bf16-$QUANT.json" || STATUS=1
 done
+echo "== speed: xl config (~0.5 B, 32k vocabulary), CUDA, bf16, $STEPS steps"
+# Big enough that the GPU computes rather than waits on kernel launches. Random weights:
+# both engines sample only the option letters and EOS, as for the large config.
+timeout 240 $PY - "$STEPS" "$OUT/speed-xl-bf16.json" "$ENGINES" <<'XL' || STATUS=1
+import dataclasses, json, sys
+from bench import speed
+
+steps, out, engines = int(sys.argv[1]), sys.argv[2], sys.argv[3].split()
+xl = dict(speed.LARGE, text_hidden=1536, text_layers=16, text_heads=12, text_kv_heads=4,
+          text_mlp=4096, vocab=32000)
+folder = speed.build_llava(speed.bundled_model_dir()[0], speed.MODEL_DIR / "llava-xl", **xl)
+spec = speed.Spec(model_dir=str(folder), label="xl", restrict_answers=True, steps=steps,
+                  device="cuda", dtype="bfloat16")
+rows = []
+for engine in engines:
+    try:
+        rows.append(speed.summarise([speed.run_worker(engine, spec)], spec.warmup))
+    except Exception as exc:  # noqa: BLE001 - report and keep the other engine's figures
+        print(f"!! xl {engine}: {exc}", file=sys.stderr)
+if rows:
+    speed.print_table("xl", spec, rows)
+with open(out, "w") as f:
+    json.dump({"spec": dataclasses.asdict(spec), "summary": rows}, f, indent=1)
+sys.exit(0 if len(rows) == len(engines) else 1)
+XL
 echo "== done, status $STATUS"
 exit $STATUS
