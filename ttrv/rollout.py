@@ -167,14 +167,6 @@ def wants_token_type_ids(model: Any) -> bool:
     return "token_type_ids" in inspect.signature(hf_model(model).forward).parameters
 
 
-def _expand(model: Any, enc: Encoded, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """input_ids and model kwargs repeated n times, image features included."""
-    base = hf_model(model)
-    return base._expand_inputs_for_generation(
-        expand_size=n, input_ids=enc.input_ids, **enc.kwargs()
-    )
-
-
 def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
     """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
     out = []
@@ -227,23 +219,8 @@ def rollout_group(
     cfg: RolloutConfig,
     orders: list[list[int] | None],
 ) -> Group:
-    """Sample N rollouts of `item`, split evenly over the given option orders."""
-    gen_kwargs = policy.generation_kwargs(cfg, sample=True)
-    encoded = [policy.encode(build_prompt(task, item, order), item) for order in orders]
-    counts = _split(cfg.n_rollouts, len(orders))
-    completions, prompt_index = [], []
-    for i, (enc, count) in enumerate(zip(encoded, counts, strict=True)):
-        if count == 0:
-            continue
-        tokens = sample(policy.model, enc, count, gen_kwargs, policy.shared_prefix)
-        completions += [trim_completion(row, policy.eos, policy.pad) for row in tokens]
-        prompt_index += [i] * count
-    responses = [decode(policy.tokenizer, c) for c in completions]
-    answers = [
-        extract_answer(r, task, encoded[p].prompt.options)
-        for r, p in zip(responses, prompt_index, strict=True)
-    ]
-    return Group(item, encoded, prompt_index, completions, responses, answers)
+    """Sample N rollouts of one item, split evenly over the given option orders."""
+    return rollout_groups(policy, [item], task, cfg, [orders])[0]
 
 
 def text_positions(model: Any) -> bool:
@@ -371,29 +348,6 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-def _prefix_shared_logits(
-    model: Any, enc: Encoded, comp: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Logits predicting each completion token, with the prompt run once, not K times.
-
-    The prompt's KV cache (which carries the gradient of the LoRA weights on the prompt) is
-    repeated K times and the completions run on top of it: P + K*T tokens instead of
-    K*(P+T). Same numbers as scoring full sequences (tested per family).
-    """
-    k, t = comp.shape
-    out = _prefill(model, enc, enc.input_ids, logits_to_keep=1)
-    first = out.logits[:, -1:, :].expand(k, -1, -1)  # [K, 1, V]: predicts token 0
-    if t == 1:
-        return first
-    cache = _cache_of(out)
-    cache.batch_repeat_interleave(k)
-    attn = torch.cat([enc.attention_mask.expand(k, -1), mask.long()], dim=1)[:, :-1]
-    rest = model(
-        input_ids=comp[:, :-1], attention_mask=attn, cache=cache, use_cache=True
-    ).logits  # [K, T-1, V]
-    return torch.cat([first, rest], dim=1)  # [K, T, V]
-
-
 def sequence_logprobs(
     model: Any,
     enc: Encoded,
@@ -402,44 +356,39 @@ def sequence_logprobs(
     temperature: float,
     shared_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion given the prompt.
+    """Per-token log-probs of each completion given one prompt: (logprobs [K, T], mask [K, T]).
 
-    Returns (logprobs [K, T], mask [K, T]). Only the completion positions get logits
-    (`logits_to_keep`), so the full-vocabulary tensor never covers the prompt.
+    Only the completion positions get logits (`logits_to_keep`), so the full-vocabulary
+    tensor never covers the prompt.
     """
-    k = len(completions)
-    if k > 1 and "mm_encoder_outputs" not in enc.model_kwargs:
-        # Raw pixel inputs cannot be repeated generically (some families flatten patches
-        # across images), so without cached features each completion is scored alone.
-        rows = [sequence_logprobs(model, enc, [c], pad, temperature, False) for c in completions]
-        t = max(len(c) for c in completions)
-        pad_to = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
-        return torch.cat([pad_to(r[0]) for r in rows]), torch.cat([pad_to(r[1]) for r in rows])
+    if stackable([enc]):
+        return batch_logprobs(model, [enc], [completions], pad, temperature, shared_prefix)
+    return _pixel_logprobs(model, enc, completions, pad, temperature)
+
+
+def _pixel_logprobs(
+    model: Any, enc: Encoded, completions: list[torch.Tensor], pad: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring without cached image features: raw pixel inputs cannot be repeated
+    generically (some families flatten patches across images), so each completion runs
+    alone with its full prompt."""
     t = max(len(c) for c in completions)
-    device = enc.input_ids.device
-    comp = torch.full((k, t), pad, dtype=torch.long, device=device)  # [K, T]
-    mask = torch.zeros((k, t), dtype=torch.float32, device=device)  # [K, T]
-    for i, c in enumerate(completions):
-        comp[i, : len(c)] = c.to(device)
-        mask[i, : len(c)] = 1.0
-    if shared_prefix and "mm_encoder_outputs" in enc.model_kwargs and not _checkpointing(model):
-        logits = _prefix_shared_logits(model, enc, comp, mask)  # [K, T, V]
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        logp = logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-        return logp * mask, mask  # [K, T], [K, T]
-    prompt_ids, kwargs = _expand(model, enc, k)  # [K, P]
-    input_ids = torch.cat([prompt_ids, comp], dim=1)  # [K, P+T]
-    kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], mask.long()], dim=1)
-    p = prompt_ids.shape[1]
-    for key, value in kwargs.items():
-        # Per-token side inputs (token type ids, multimodal token types) cover the prompt;
-        # the completion is plain text, type 0.
-        if key != "attention_mask" and isinstance(value, torch.Tensor) and value.shape == (k, p):
-            kwargs[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
-    out = model(input_ids=input_ids, logits_to_keep=t + 1, use_cache=False, **kwargs)
-    logits = out.logits[:, :-1, :].float() / temperature  # [K, T, V]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask  # [K, T], [K, T]
+    logps, masks = [], []
+    for c in completions:
+        comp, mask = _pad_completions([c], pad, enc.input_ids.device)  # [1, T_c]
+        kwargs = enc.kwargs()
+        kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], mask.long()], dim=1)
+        per_token = (1, enc.length)  # token types cover the prompt; the completion is text, 0
+        for key, value in kwargs.items():
+            if key != "attention_mask" and getattr(value, "shape", None) == per_token:
+                kwargs[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
+        out = model(input_ids=torch.cat([enc.input_ids, comp], 1), logits_to_keep=len(c) + 1,
+                    use_cache=False, **kwargs)  # fmt: skip
+        logp = torch.log_softmax(out.logits[:, :-1, :].float() / temperature, dim=-1)
+        logp = logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1) * mask
+        logps.append(torch.nn.functional.pad(logp, (0, t - len(c))))
+        masks.append(torch.nn.functional.pad(mask, (0, t - len(c))))
+    return torch.cat(logps), torch.cat(masks)  # [K, T], [K, T]
 
 
 # Images answered per generate call in `greedy_answers` (bounds memory on large sets).
@@ -480,7 +429,7 @@ def batch_logprobs(
     encoded = [encoded[i] for i in keep]
     completions = [completions[i] for i in keep]
     if not stackable(encoded):
-        parts = [sequence_logprobs(model, e, c, pad, temperature, shared_prefix)
+        parts = [_pixel_logprobs(model, e, c, pad, temperature)
                  for e, c in zip(encoded, completions, strict=True)]  # fmt: skip
         t = max(p[0].shape[1] for p in parts)
         pad_to = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
