@@ -11,7 +11,6 @@ import json
 import math
 import random
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,19 +293,21 @@ def adapt(
     optimizer = make_optimizer(params, cfg.optim.learning_rate, cfg.optim.weight_decay)
     total = steps_per_run(cfg, len(items))
     warmup = int(cfg.optim.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.optim.schedule)
-    )
+
+    def set_lr(step: int) -> None:
+        # Set from the step index, not stepped: a resumed run needs no fast-forward, and a
+        # step whose groups were all skipped (no optimiser step) leaves nothing to warn about.
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.learning_rate * lr_factor(
+                step, total, warmup, cfg.optim.schedule
+            )
+
     by_id = {it.image_id: it for it in items}
     model.eval()
 
     state: dict[str, Any]
     if resume_from:
         state = load_checkpoint(Path(resume_from), model, optimizer)
-        with warnings.catch_warnings():  # fast-forwarding the schedule, not training
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(state["step"]):
-                scheduler.step()
         before = state["before"]
     else:
         sink(
@@ -363,10 +364,10 @@ def adapt(
                 break
             ids = order[state["position"] : state["position"] + cfg.optim.images_per_step]
             batch = [by_id[i] for i in ids]
+            set_lr(state["step"])
             record, rollouts, groups = run_step(
                 policy, batch, cfg, state["step"], rnd, optimizer, params
             )
-            scheduler.step()
             sink("rollouts", {"step": record.step, "rollouts": [r.to_dict() for r in rollouts]})
             sink("step", record.to_dict())
             history.append(record)
