@@ -351,8 +351,20 @@ def figure_sweep(spec: Spec, key: str, values: list[int], repeats: int) -> list[
     print(f"{what:>14} {'wall s/round':>13} {'cpu s/round':>12} {'cpu s/image':>12}")
     for r in rows:
         images = r[key] if key == "pool" else spec.pool
-        print(f"{r[key]:>14} {r['wall_s']:>13.2f} {r['cpu_s']:>12.2f} {r['cpu_s'] / images:>12.3f}")
+        print(f"{r[key]:>14} {r['wall_s']:>13.3f} {r['cpu_s']:>12.3f} {r['cpu_s'] / images:>12.4f}")
+    slope = loglog_slope([r[key] for r in rows], [r["cpu_s"] for r in rows])
+    print(f"CPU s/round ~ {what}^{slope:.2f} (least-squares log-log slope; 1 = linear)")
     return rows
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) on log(x): the exponent b of y ~ a * x^b."""
+    import math
+
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    num = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True))
+    return num / sum((a - mx) ** 2 for a in lx)
 
 
 def figure_memory(spec: Spec, steps: int, engines: list[str]) -> list[dict[str, Any]]:
@@ -384,12 +396,12 @@ def figure_memory(spec: Spec, steps: int, engines: list[str]) -> list[dict[str, 
         f"{steps} steps, float32 CPU"
     )
     print(
-        f"{'model':<12} {'params M':>8} {'engine':<6} {'RSS loaded MiB':>14} {'peak RSS MiB':>12} "
+        f"{'model':<12} {'params M':>8} {'engine':<8} {'RSS loaded MiB':>14} {'peak RSS MiB':>12} "
         f"{'rise':>6}"
     )
     for r in rows:
         print(
-            f"{r['model']:<12} {r['params'] / 1e6:>8.2f} {r['engine']:<6} "
+            f"{r['model']:<12} {r['params'] / 1e6:>8.2f} {r['engine']:<8} "
             f"{r['rss_loaded_mib']:>14.0f} {r['peak_rss_mib']:>12.0f} "
             f"{r['peak_rss_mib'] - r['rss_loaded_mib']:>6.0f}"
         )
@@ -436,11 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     if "converged" in figures:
         out["converged"] = figure_converged(spec, args.repeats)
     if "images" in figures:
-        values = [2, 4, 8] if args.quick else [2, 4, 8, 16]
+        values = [2, 4, 8] if args.quick else [2, 4, 8, 16, 32]
         out["images"] = figure_sweep(spec, "pool", values, args.repeats)
+        out["images_exponent"] = loglog_slope(values, [r["cpu_s"] for r in out["images"]])
     if "n" in figures:
         values = [4, 8, 16] if args.quick else [4, 8, 16, 32]
         out["n"] = figure_sweep(spec, "n", values, args.repeats)
+        out["n_exponent"] = loglog_slope(values, [r["cpu_s"] for r in out["n"]])
     if "memory" in figures:
         engines = ["ours"] if args.quick else args.memory_engines
         out["memory"] = figure_memory(spec, 2, engines)
