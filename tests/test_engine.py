@@ -284,11 +284,11 @@ def test_learning_rate_follows_the_schedule_per_step(tiny_model_dir):
     from ttrv.grpo import lr_factor
 
     folder = tiny_model_dir("llava")
-    cfg = small_config(folder, rounds=2, warmup_ratio=0.25, schedule="cosine")
+    cfg = small_config(folder, rounds=2, warmup_ratio=0.5, schedule="cosine")
     loaded = loaded_model(folder, cfg)
     result = adapt(loaded, make_items(4), cfg)
     total = len(result.history)
     assert total == 4
-    expected = [cfg.optim.learning_rate * lr_factor(s, total, 1, "cosine") for s in range(total)]
+    expected = [cfg.optim.learning_rate * lr_factor(s, total, 2, "cosine") for s in range(total)]
     assert [r.lr for r in result.history] == pytest.approx(expected)
     assert expected[0] < expected[1] and expected[-1] < expected[1]  # warm-up, then decay
