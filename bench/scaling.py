@@ -11,9 +11,9 @@ Setup as in `bench.speed` (same `Spec`, images, prompt, TTRV reward with group s
 torch thread). Each optimisation is switched off for a run by configuration or, where the
 engine has no switch, by patching one function for that run only (`unittest.mock.patch`):
 
-- batching across images vs one prompt per call: `ttrv.rollout.stackable` answering False,
-  so rollouts call `generate` once per prompt and training scores one prompt at a time
-  (the engine's fallback for inputs it cannot stack).
+- batching across images vs one prompt per call: `sample_many` (rollouts) and
+  `batch_logprobs` (training) called once per prompt, i.e. one `generate` call and one
+  training forward per image (with one option order), as the engine did before it batched.
 - shared prompt prefix vs full sequences: `Policy.shared_prefix` off (each rollout row
   prefills its own copy of the prompt; each trained row carries its prompt).
 - image features cached vs re-encoded: the policy's `ImageCache` disabled, as
@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import torch
+
 from bench.speed import (
     LARGE,
     MODEL_DIR,
@@ -57,6 +59,8 @@ from bench.speed import (
     setup_torch,
     suppress_ids,
 )
+from ttrv.rollout import batch_logprobs as _batch_logprobs
+from ttrv.rollout import sample_many as _sample_many
 
 MEDIUM = {
     "text_hidden": 256,
@@ -110,8 +114,29 @@ def no_shared_prefix(policy: Any, loaded: Any) -> Any:
     return dataclasses.replace(policy, shared_prefix=False)
 
 
-def _never_stackable(encoded: Any) -> bool:
-    return False
+def per_prompt_sample_many(
+    policy: Any, encoded: list[Any], counts: list[int], gen_kwargs: dict[str, Any]
+) -> list[Any]:
+    """`ttrv.rollout.sample_many` called once per prompt (one generate call each)."""
+    return [
+        _sample_many(policy, [e], [c], gen_kwargs)[0] if c else None
+        for e, c in zip(encoded, counts, strict=True)
+    ]
+
+
+def per_prompt_logprobs(
+    model: Any, encoded: list[Any], completions: list[list[Any]], *args: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ttrv.rollout.batch_logprobs` called once per prompt (one forward each), padded to
+    one [R, T] result; the backward stays one per micro-batch."""
+    parts = [
+        _batch_logprobs(model, [e], [c], *args)
+        for e, c in zip(encoded, completions, strict=True)
+        if c
+    ]
+    t = max(p[0].shape[1] for p in parts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(p[0]) for p in parts]), torch.cat([pad(p[1]) for p in parts])
 
 
 @dataclasses.dataclass
@@ -135,7 +160,18 @@ VARIANTS = [
     Variant("engine as is"),
     Variant(
         "one prompt per call (no batching across images)",
-        patches=[("ttrv.rollout", "stackable", _never_stackable)],
+        patches=[
+            ("ttrv.rollout", "sample_many", per_prompt_sample_many),
+            ("ttrv.grpo", "batch_logprobs", per_prompt_logprobs),
+        ],
+    ),
+    Variant(
+        "one prompt per call, zero-advantage groups trained",
+        patches=[
+            ("ttrv.rollout", "sample_many", per_prompt_sample_many),
+            ("ttrv.grpo", "batch_logprobs", per_prompt_logprobs),
+            ("ttrv.grpo", "_trained_rows", keep_zero_advantage_rows),
+        ],
     ),
     Variant("no shared prompt prefix", policy_hook=no_shared_prefix),
     Variant("image features re-encoded", policy_hook=no_image_cache),
@@ -202,13 +238,13 @@ def figure_optimisations(
         f"{spec.steps} steps ({spec.warmup} warm-up) x {repeats} repeats, {spec.threads} thread"
     )
     print(
-        f"{'variant':<48} {'wall s/step':>11} {'cpu s/step':>10} {'vs as is (cpu)':>14} "
+        f"{'variant':<52} {'wall s/step':>11} {'cpu s/step':>10} {'vs as is (cpu)':>14} "
         f"{'tok/step':>8} {'skipped':>9}"
     )
     for r in rows:
         ref = base["engine as is"] if "agree" not in r["variant"] else base[SKIP_VARIANTS[0].name]
         print(
-            f"{r['variant']:<48} {r['wall_s']:>11.3f} {r['cpu_s']:>10.3f} "
+            f"{r['variant']:<52} {r['wall_s']:>11.3f} {r['cpu_s']:>10.3f} "
             f"{r['cpu_s'] / ref['cpu_s']:>13.2f}x {r['tokens']:>8.1f} "
             f"{r['groups_skipped']:>4}/{r['groups']:<4}"
         )
