@@ -1202,6 +1202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = set(args.variants) - set(VARIANTS)
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        if "none" not in args.variants:  # every delta is paired with its seed's baseline
+            args.variants.insert(0, "none")
     if args.seeds is None:
         args.seeds = 1 if args.dry else 2 if args.quick else 3 if args.stress or args.tune else 5
     return args

@@ -289,3 +289,16 @@ def test_dry_run_writes_tables(tiny_model_dir, tmp_path):
     assert run["unguarded"]["metrics"]["all"]["n"] == 16
     assert run["unguarded"]["metrics"]["heldout"]["n"] == 12
     assert "| default |" in out.with_suffix(".md").read_text()
+
+
+def test_variant_subset_always_includes_the_baseline():
+    """Guards: a --variants list without `none` ran, then failed at report time (no paired
+    baseline for any delta)."""
+    from bench.benchmark import parse_args
+
+    assert parse_args(["--variants", "default,majority"]).variants == [
+        "none",
+        "default",
+        "majority",
+    ]
+    assert parse_args(["--variants", "none,default"]).variants == ["none", "default"]
