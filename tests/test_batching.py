@@ -158,3 +158,20 @@ def test_greedy_answers_are_batched_and_unchanged(tiny_model_dir, monkeypatch):
     single = greedy_answers(policy, items, task, cfg)
     assert len(calls) == 1 + len(items)
     assert batched == single
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_cached_features_keep_qwen_multimodal_positions(tiny_model_dir, family):
+    """Guards: the image cache dropping Qwen-VL's patch grid, after which its image tokens
+    got plain 1-D positions (logits off by up to 0.06 on these tiny models)."""
+    folder = tiny_model_dir(family)
+    loaded = loaded_model(folder, small_config(folder))
+    item = _items()[1]
+    task = TaskConfig(kind="open", question="What is it?")
+    raw = make_policy(loaded, cache_images=False).encode(build_prompt(task, item), item)
+    cached = make_policy(loaded).encode(build_prompt(task, item), item)
+    assert "pixel_values" not in cached.model_kwargs and "image_grid_thw" in cached.model_kwargs
+    with torch.no_grad():
+        a = loaded.model(input_ids=raw.input_ids, **raw.kwargs()).logits
+        b = loaded.model(input_ids=cached.input_ids, **cached.kwargs()).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -20,9 +20,15 @@ from typing import Any
 
 import torch
 
-# Fields models read from pre-encoded multimodal outputs (transformers' own slicing of
-# `mm_encoder_outputs` keeps exactly these).
-MM_FIELDS = ("pooler_output", "deepstack_features")
+# Per-image inputs that stay beside cached features: one row per image, stacked in row
+# order (Qwen-VL's patch grids, from which it computes its multimodal positions).
+PER_IMAGE_KEYS = ("image_grid_thw", "video_grid_thw")
+
+
+def is_per_token(key: str) -> bool:
+    """Per-token side inputs (token type ids) are every model kwarg that is neither the
+    cached features nor a per-image input."""
+    return key != "mm_encoder_outputs" and key not in PER_IMAGE_KEYS
 
 
 def left_pad(rows: Sequence[torch.Tensor], value: int | float) -> torch.Tensor:
@@ -76,24 +82,27 @@ def can_merge(model_kwargs: dict[str, Any], prompt_length: int) -> bool:
     """Only cached features and per-token side inputs are known to stack; anything else
     (raw pixels of models without feature caching) keeps the one-prompt-per-call path."""
     for key, value in model_kwargs.items():
-        if key == "mm_encoder_outputs":
-            continue
-        if not (isinstance(value, torch.Tensor) and value.shape == (1, prompt_length)):
+        if not isinstance(value, torch.Tensor) and key != "mm_encoder_outputs":
+            return False
+        if key in PER_IMAGE_KEYS and value.shape[0] != 1:
+            return False  # several images in one prompt: rows could not be told apart
+        if is_per_token(key) and value.shape != (1, prompt_length):
             return False
     return "mm_encoder_outputs" in model_kwargs
 
 
-def stack_kwargs(
-    per_prompt: Sequence[dict[str, Any]], lengths: Sequence[int], rows: Sequence[int]
-) -> dict[str, Any]:
+def stack_kwargs(per_prompt: Sequence[dict[str, Any]], rows: Sequence[int]) -> dict[str, Any]:
     """Model kwargs for rows drawn from prompts (`rows[j]` = prompt of row j): per-token
-    inputs left-padded with 0, image features merged in row order."""
+    inputs left-padded with 0, image features and per-image inputs stacked in row order."""
     out: dict[str, Any] = {}
     for key in per_prompt[0]:
+        parts = [per_prompt[r][key] for r in rows]
         if key == "mm_encoder_outputs":
-            out[key] = merge_mm_outputs([per_prompt[r][key] for r in rows])
+            out[key] = merge_mm_outputs(parts)
+        elif key in PER_IMAGE_KEYS:
+            out[key] = torch.cat(parts)
         else:
-            out[key] = left_pad([per_prompt[r][key] for r in rows], 0)
+            out[key] = left_pad(parts, 0)
     return out
 
 

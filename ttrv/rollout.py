@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from .answers import extract_answer
-from .batching import can_merge, left_pad, position_ids, row_index, stack_kwargs
+from .batching import (
+    PER_IMAGE_KEYS,
+    can_merge,
+    is_per_token,
+    left_pad,
+    position_ids,
+    row_index,
+    stack_kwargs,
+)
 from .config import RolloutConfig, TaskConfig
 from .tasks import Item, Prompt, build_prompt, render_prompt
 
@@ -90,9 +98,12 @@ class ImageCache:
             base = hf_model(self.model)
             with torch.no_grad():
                 out = base._prepare_multimodal_encoder_kwargs_for_generation(dict(raw))
-            # Keys the encoder consumed (pixels, grids) are replaced by its output; keys that
-            # depend on the prompt (token type ids) stay per prompt.
-            self._cache[image_id] = (out["mm_encoder_outputs"], set(raw) - set(out))
+            # Keys the encoder consumed (pixels) are replaced by its output; keys that depend
+            # on the prompt (token type ids) stay per prompt. The patch grids stay too: Qwen-VL
+            # builds its multimodal positions from them, and without them its image tokens
+            # silently get plain 1-D positions (different logits; tested).
+            consumed = set(raw) - set(out) - set(PER_IMAGE_KEYS)
+            self._cache[image_id] = (out["mm_encoder_outputs"], consumed)
         features, consumed = self._cache[image_id]
         kwargs = {k: v for k, v in raw.items() if k not in consumed}
         kwargs["mm_encoder_outputs"] = features
@@ -240,10 +251,7 @@ def stackable(encoded: list[Encoded]) -> bool:
 
 def _per_token_to(kwargs: dict[str, Any], width: int) -> dict[str, Any]:
     """Per-token side inputs (token types) cut to the first `width` columns."""
-    return {
-        k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
-        for k, v in kwargs.items()
-    }
+    return {k: v[:, :width] if is_per_token(k) else v for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -264,11 +272,10 @@ def sample_many(
     model, device = policy.model, encoded[0].input_ids.device
     ids = left_pad([e.input_ids for e in encoded], policy.pad)  # [M, P]
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
-    lengths = [e.length for e in encoded]
     rows = row_index(counts, device)  # [R]
     width = ids.shape[1]
     if policy.shared_prefix and width >= 2:
-        kw = _per_token_to(stack_kwargs([e.model_kwargs for e in encoded], lengths,
+        kw = _per_token_to(stack_kwargs([e.model_kwargs for e in encoded],
                                         range(len(encoded))), width - 1)  # fmt: skip
         if text_positions(model):
             kw["position_ids"] = position_ids(mask[:, :-1])
@@ -280,7 +287,7 @@ def sample_many(
             input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **gen_kwargs
         )
     else:
-        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, rows.tolist())
+        kw = stack_kwargs([e.model_kwargs for e in encoded], rows.tolist())
         tokens = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw, **gen_kwargs)
     return list(tokens[:, width:].split(list(counts)))
 
@@ -440,11 +447,10 @@ def batch_logprobs(
     t = comp.shape[1]
     ids = left_pad([e.input_ids for e in encoded], pad)  # [M, P]
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
-    lengths = [e.length for e in encoded]
     rows = row_index(counts, device)  # [R]
     positions = text_positions(model)
     if shared_prefix and not _checkpointing(model):
-        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, range(len(encoded)))
+        kw = stack_kwargs([e.model_kwargs for e in encoded], range(len(encoded)))
         if positions:
             kw["position_ids"] = position_ids(mask)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
@@ -461,9 +467,9 @@ def batch_logprobs(
                          use_cache=True, **extra).logits  # [R, T-1, V]  # fmt: skip
             logits = torch.cat([logits, rest], dim=1)  # [R, T, V]
     else:
-        kw = stack_kwargs([e.model_kwargs for e in encoded], lengths, rows.tolist())
+        kw = stack_kwargs([e.model_kwargs for e in encoded], rows.tolist())
         for key, value in kw.items():
-            if key != "mm_encoder_outputs":  # per-token inputs: the completion is text, 0
+            if is_per_token(key):  # token types: the completion is text, 0
                 kw[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
         attn = torch.cat([mask[rows], cmask.long()], dim=1)  # [R, P+T]
         if positions:
