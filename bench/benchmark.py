@@ -499,7 +499,10 @@ def replay_guard(
     from ttrv.adapt import greedy_signals
 
     def answers(xs: list[Any]) -> list[dict[str, str]]:
-        return [x if isinstance(x, dict) else {"answer": x} for x in xs]
+        return [
+            x if isinstance(x, dict) else {"image_id": it.image_id, "answer": x}
+            for it, x in zip(items, xs, strict=True)
+        ]
 
     base = greedy_signals(task, items, answers(before))
     now = [greedy_signals(task, items, answers(r["answers"]), answers(before)) for r in rounds]

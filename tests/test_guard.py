@@ -120,9 +120,23 @@ def test_greedy_signals_pass_the_answers_before_adaptation():
     from ttrv.adapt import greedy_signals
     from ttrv.config import TaskConfig
 
-    before = [{"answer": a} for a in ["1", "2", INVALID, "4"]]
-    now = [{"answer": a} for a in ["1", "3", "5", "4"]]
+    before = [{"image_id": str(i), "answer": a} for i, a in enumerate(["1", "2", INVALID, "4"])]
+    now = [{"image_id": str(i), "answer": a} for i, a in enumerate(["1", "3", "5", "4"])]
     items = [None] * 4  # open questions: items are not looked at
     sig = greedy_signals(TaskConfig(kind="open"), items, now, before)
     assert sig.changed_answers == pytest.approx(1 / 3)
     assert greedy_signals(TaskConfig(kind="open"), items, now).changed_answers is None
+
+
+def test_changed_answers_are_matched_by_image_not_by_position():
+    """Guards: a resumed run lists its images in another order than its stored `before`
+    answers; matching by position would count unchanged answers as changed."""
+    from ttrv.adapt import greedy_signals
+    from ttrv.config import TaskConfig
+
+    before = [{"image_id": "a", "answer": "1"}, {"image_id": "b", "answer": "2"}]
+    now = [{"image_id": "b", "answer": "2"}, {"image_id": "a", "answer": "1"}]
+    task = TaskConfig(kind="open", question="Which digit?")
+    assert greedy_signals(task, [], now, before).changed_answers == 0.0
+    now[0]["answer"] = "7"
+    assert greedy_signals(task, [], now, before).changed_answers == 0.5

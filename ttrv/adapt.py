@@ -100,11 +100,11 @@ def greedy_signals(
             options = [canonical_label(o, task) for o in item_options(task, item)]
             if a["answer"] in options:
                 positions.append(options.index(a["answer"]))
-    return guard_mod.signals(
-        [a["answer"] for a in answers],
-        positions=positions,
-        before=[b["answer"] for b in before] if before is not None else None,
-    )
+    previous = None
+    if before is not None:  # matched by image, not by position (a resumed run reorders)
+        by_image = {b["image_id"]: b["answer"] for b in before}
+        previous = [by_image.get(a["image_id"], INVALID) for a in answers]
+    return guard_mod.signals([a["answer"] for a in answers], positions=positions, before=previous)
 
 
 def is_converged(group: Group) -> bool:
