@@ -17,12 +17,14 @@ from tests.tiny_models import FAMILIES
 from ttrv.adapt import make_policy, trainable_params
 from ttrv.batching import left_pad, merge_mm_outputs, pack, position_ids, row_index
 from ttrv.config import RolloutConfig, TaskConfig
+from ttrv.grpo import grpo_update
 from ttrv.rollout import (
+    _pixel_logprobs,
     batch_logprobs,
     greedy_answers,
+    rollout_groups,
     sample,
     sample_many,
-    sequence_logprobs,
     stackable,
 )
 from ttrv.tasks import Item, build_prompt, image_sha256
@@ -110,7 +112,9 @@ def test_batched_logprobs_and_grads_match(tiny_model_dir, family, shared):
     encoded = _encoded(policy)
     torch.manual_seed(0)
     gen = policy.generation_kwargs(RolloutConfig(max_new_tokens=4), sample=True)
-    comps = [[row[row != policy.pad] for row in t] for t in sample_many(policy, encoded, [2, 3, 1], gen)]
+    comps = [
+        [row[row != policy.pad] for row in t] for t in sample_many(policy, encoded, [2, 3, 1], gen)
+    ]
     comps = [[c if len(c) else torch.tensor([policy.eos[0]]) for c in cs] for cs in comps]
     params = list(trainable_params(loaded.model).values())
     for p in params:  # non-zero LoRA B, so that A's gradients are non-zero too
@@ -124,8 +128,8 @@ def test_batched_logprobs_and_grads_match(tiny_model_dir, family, shared):
         logp.sum().backward()
         return logp.detach(), [p.grad.clone() for p in params]
 
-    def alone():
-        parts = [sequence_logprobs(loaded.model, e, c, policy.pad, 1.0, shared)[0]
+    def alone():  # the plain reference: each completion after its own unpadded prompt
+        parts = [_pixel_logprobs(loaded.model, e, c, policy.pad, 1.0)[0]
                  for e, c in zip(encoded, comps, strict=True)]  # fmt: skip
         t = max(x.shape[1] for x in parts)
         return torch.cat([torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in parts])
@@ -175,3 +179,36 @@ def test_cached_features_keep_qwen_multimodal_positions(tiny_model_dir, family):
         a = loaded.model(input_ids=raw.input_ids, **raw.kwargs()).logits
         b = loaded.model(input_ids=cached.input_ids, **cached.kwargs()).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_micro_batches_give_the_same_update(tiny_model_dir):
+    """Splitting a step's rows into micro-batches only trades memory for time: the same
+    loss and the same weights after the step (gradients accumulate, token mean over the
+    whole step)."""
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder)
+    loaded = loaded_model(folder, cfg)
+    policy = make_policy(loaded)
+    items = _items() + _items()[:1]
+    torch.manual_seed(0)
+    groups = rollout_groups(policy, items, TaskConfig(kind="open", question="What?"),
+                            RolloutConfig(n_rollouts=4, n_train=4, max_new_tokens=3), [[None]] * 3)  # fmt: skip
+    for g in groups:
+        g.train_mask = [True] * 4
+    advantages = [[1.0, -1.0, 0.5, 0.0], [0.0] * 4, [-0.5, 0.5, 1.0, -1.0]]
+    params = list(trainable_params(loaded.model).values())
+    start = [p.detach().clone() for p in params]
+    results = []
+    for micro in (1, 4, 64):
+        for p, s in zip(params, start, strict=True):
+            p.data.copy_(s)
+        stats = grpo_update(policy, groups, advantages, torch.optim.SGD(params, lr=1.0), params,
+                            1.0, 0.2, 0.0, 0.0, micro_batch=micro)  # fmt: skip
+        results.append((stats, [p.detach().clone() for p in params]))
+    for stats, weights in results[1:]:
+        assert stats.groups_skipped == results[0][0].groups_skipped == 1
+        assert stats.tokens == results[0][0].tokens
+        assert stats.loss == pytest.approx(results[0][0].loss, abs=1e-6)
+        for a, b in zip(weights, results[0][1], strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.equal(a, s) for a, s in zip(results[0][1], start, strict=True))
