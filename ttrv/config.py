@@ -243,7 +243,7 @@ class OptimConfig:
         default=64,
         metadata=_help(
             "Rollouts per training forward/backward: fewer saves memory, more saves time "
-            "(an image's rollouts are never split).",
+            "(the rollouts of one prompt are never split).",
             minimum=1,
         ),
     )

@@ -117,7 +117,7 @@ def grpo_update(
     """One optimiser step on the trained rollouts of `groups`.
 
     The trained rows of all images run through the model together, `micro_batch` rows per
-    forward/backward (an image's rows stay together), with gradients accumulated; the loss
+    forward/backward (the rows of one prompt stay together), with gradients accumulated; the loss
     is a token mean over the whole step.
     """
     model = policy.model
