@@ -322,13 +322,17 @@ class Worker:
             "config": cfg.to_dict(),
         }
         base_eval = self.baseline(job, cfg)
+        positions = adapt_positions(len(items), k, job.seed, job.split)
         if VARIANTS[job.variant] is None:
-            record["baseline"] = summarize(base_eval, items, cfg.task, set(), n_votes, full=True)
+            # The same seed's adapted positions, so that "held-out" means the same images in
+            # the baseline as in every adapted run it is paired with.
+            record["baseline"] = summarize(
+                base_eval, items, cfg.task, set(positions), n_votes, full=True
+            )
             record["seconds"] = time.perf_counter() - t0
             return record
 
         # Adapt with the guard off, recording each round (answers + weights) for the replay.
-        positions = adapt_positions(len(items), k, job.seed, job.split)
         unlabeled = [replace(items[p], label=None) for p in positions]
         model = attach_lora(copy.deepcopy(base_loaded.model), cfg.lora, seed=job.seed)
         recorder = RoundRecorder(model)

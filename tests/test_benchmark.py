@@ -288,6 +288,9 @@ def test_dry_run_writes_tables(tiny_model_dir, tmp_path):
     run = next(r for r in data["runs"] if r["variant"] == "default")
     assert run["unguarded"]["metrics"]["all"]["n"] == 16
     assert run["unguarded"]["metrics"]["heldout"]["n"] == 12
+    # the baseline's held-out images are the run's: a paired held-out delta
+    base = next(r for r in data["runs"] if r["variant"] == "none")["baseline"]
+    assert base["heldout"]["n"] == 12 and base["adapted"]["n"] == 4
     assert "| default |" in out.with_suffix(".md").read_text()
 
 
