@@ -199,13 +199,17 @@ def test_micro_batches_give_the_same_update(tiny_model_dir):
     params = list(trainable_params(loaded.model).values())
     start = [p.detach().clone() for p in params]
     results = []
-    for micro in (1, 4, 64):
+    for budget in (1, 10**6):  # one prompt per micro-batch, all prompts in one
         for p, s in zip(params, start, strict=True):
             p.data.copy_(s)
+        calls = []
+        hook = loaded.model.register_forward_pre_hook(lambda *a, c=calls: c.append(1))
         stats = grpo_update(policy, groups, advantages, torch.optim.SGD(params, lr=1.0), params,
-                            1.0, 0.2, 0.0, 0.0, micro_batch=micro)  # fmt: skip
-        results.append((stats, [p.detach().clone() for p in params]))
-    for stats, weights in results[1:]:
+                            1.0, 0.2, 0.0, 0.0, micro_batch_tokens=budget)  # fmt: skip
+        hook.remove()
+        results.append((stats, [p.detach().clone() for p in params], len(calls)))
+    assert results[0][2] > results[1][2]  # the budget sets how many forwards run
+    for stats, weights, _ in results[1:]:
         assert stats.groups_skipped == results[0][0].groups_skipped == 1
         assert stats.tokens == results[0][0].tokens
         assert stats.loss == pytest.approx(results[0][0].loss, abs=1e-6)

@@ -218,7 +218,7 @@ def run_step(
         clip_eps=cfg.optim.clip_eps,
         beta=cfg.optim.beta,
         grad_clip=cfg.optim.grad_clip,
-        micro_batch=cfg.optim.micro_batch,
+        micro_batch_tokens=cfg.optim.micro_batch_tokens,
     )
     flat = [r for rs in rewards for r in rs]
     per_group = [answer_stats(g.answers) for g in groups]

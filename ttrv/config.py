@@ -239,11 +239,11 @@ class OptimConfig:
         default=True,
         metadata=_help("Drop images whose rollouts all agreed from later rounds."),
     )
-    micro_batch: int = field(
-        default=64,
+    micro_batch_tokens: int = field(
+        default=16384,
         metadata=_help(
-            "Rollouts per training forward/backward: fewer saves memory, more saves time "
-            "(the rollouts of one prompt are never split).",
+            "Tokens per training forward/backward (prompt + rollouts): fewer saves memory, "
+            "more saves time. The rollouts of one prompt are never split.",
             minimum=1,
         ),
     )
@@ -259,7 +259,7 @@ class OptimConfig:
         _check(self.beta >= 0, f"beta must be >= 0 (got {self.beta}).")
         _check(self.images_per_step >= 1, "images_per_step must be >= 1.")
         _check(self.rounds >= 1, "rounds must be >= 1.")
-        _check(self.micro_batch >= 1, "micro_batch must be >= 1.")
+        _check(self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1.")
 
 
 @dataclass

@@ -21,7 +21,8 @@ departs from it knowingly:
 - Groups whose trained advantages are all zero (every rollout agreed) skip the forward
   and backward pass: they would contribute exactly zero gradient.
 - The images of a step are sampled in one generate call and trained in one forward per
-  `micro_batch` rows (prompts left-padded; see `ttrv.batching`), not image by image.
+  micro-batch of at most `micro_batch_tokens` tokens (prompts left-padded; see
+  `ttrv.batching`), not image by image.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ def _trained_rows(group: Group, advantages: Sequence[float]) -> dict[int, list[i
     return rows
 
 
+def _unit_tokens(group: Group, prompt: int, rows: list[int], shared_prefix: bool) -> int:
+    """Tokens one prompt's trained rows put through the training forward: the prompt once
+    plus each completion with a shared prefix, else every row's full sequence."""
+    p = group.encoded[prompt].length
+    t = max(len(group.completions[i]) for i in rows)
+    return p + len(rows) * t if shared_prefix else len(rows) * (p + t)
+
+
 def grpo_update(
     policy: Policy,
     groups: list[Group],
@@ -112,13 +121,14 @@ def grpo_update(
     clip_eps: float,
     beta: float,
     grad_clip: float,
-    micro_batch: int = 64,
+    micro_batch_tokens: int = 16384,
 ) -> UpdateStats:
     """One optimiser step on the trained rollouts of `groups`.
 
-    The trained rows of all images run through the model together, `micro_batch` rows per
-    forward/backward (the rows of one prompt stay together), with gradients accumulated; the loss
-    is a token mean over the whole step.
+    The trained rows of all images run through the model together, in micro-batches of at
+    most `micro_batch_tokens` tokens per forward/backward (the rows of one prompt stay
+    together; activation memory grows with these tokens), with gradients accumulated; the
+    loss is a token mean over the whole step.
     """
     model = policy.model
     # units: (group, prompt, row indices) with a non-zero advantage, in a fixed order
@@ -136,7 +146,8 @@ def grpo_update(
     adv_of = {id(g): a for g, a in zip(groups, advantages, strict=True)}
     model.train()
     loss_total, kl_total = 0.0, 0.0
-    for chunk in pack([len(u[2]) for u in units], micro_batch):
+    costs = [_unit_tokens(g, p, idx, policy.shared_prefix) for g, p, idx in units]
+    for chunk in pack(costs, micro_batch_tokens):
         part = [units[c] for c in chunk]
         encoded = [g.encoded[p] for g, p, _ in part]
         comps = [[g.completions[i] for i in idx] for g, _, idx in part]
