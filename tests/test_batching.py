@@ -216,3 +216,24 @@ def test_micro_batches_give_the_same_update(tiny_model_dir):
         for a, b in zip(weights, results[0][1], strict=True):
             assert torch.allclose(a, b, atol=1e-6)
     assert any(not torch.equal(a, s) for a, s in zip(results[0][1], start, strict=True))
+
+
+def test_generate_calls_are_split_by_the_token_budget(tiny_model_dir, monkeypatch):
+    """A step whose prompts and responses would exceed `batch_tokens` in one KV cache is
+    sampled over several generate calls; each prompt still gets its own rows."""
+    folder = tiny_model_dir("llava")
+    loaded = loaded_model(folder, small_config(folder))
+    policy = make_policy(loaded)
+    encoded = _encoded(policy)
+    gen = policy.generation_kwargs(RolloutConfig(max_new_tokens=2), sample=False)
+    calls = []
+    original = loaded.model.generate
+    monkeypatch.setattr(loaded.model, "generate", lambda **kw: calls.append(1) or original(**kw))
+    whole = sample_many(policy, encoded, [1, 2, 1], gen, batch_tokens=10**6)
+    assert len(calls) == 1
+    split = sample_many(policy, encoded, [1, 2, 1], gen, batch_tokens=1)
+    assert len(calls) == 1 + 3  # one call per prompt
+    assert [t.shape[0] for t in split] == [1, 2, 1]
+    for a, b in zip(whole, split, strict=True):  # greedy: the same tokens either way
+        t = min(a.shape[1], b.shape[1])
+        assert torch.equal(a[:, :t], b[:, :t])

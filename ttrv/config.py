@@ -159,8 +159,17 @@ class RolloutConfig:
     max_new_tokens: int = field(
         default=8, metadata=_help("Longest response sampled.", minimum=1, maximum=4096)
     )
+    batch_tokens: int = field(
+        default=131072,
+        metadata=_help(
+            "Most tokens (prompts + responses) one generate call holds in its KV cache; "
+            "a step's rollouts are split over more calls above it.",
+            minimum=1,
+        ),
+    )
 
     def __post_init__(self) -> None:
+        _check(self.batch_tokens >= 1, "batch_tokens must be >= 1.")
         _check(self.n_rollouts >= 2, f"N must be >= 2 to vote (got {self.n_rollouts}).")
         _check(
             1 <= self.n_train <= self.n_rollouts,

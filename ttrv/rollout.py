@@ -19,6 +19,7 @@ from .batching import (
     can_merge,
     is_per_token,
     left_pad,
+    pack,
     position_ids,
     row_index,
     stack_kwargs,
@@ -254,16 +255,40 @@ def _per_token_to(kwargs: dict[str, Any], width: int) -> dict[str, Any]:
     return {k: v[:, :width] if is_per_token(k) else v for k, v in kwargs.items()}
 
 
+def _generate_tokens(enc: Encoded, count: int, new: int, shared_prefix: bool) -> int:
+    """KV-cache tokens one prompt's rows hold at the end of generation."""
+    return enc.length + count * new if shared_prefix else count * (enc.length + new)
+
+
 @torch.no_grad()
 def sample_many(
-    policy: Policy, encoded: list[Encoded], counts: list[int], gen_kwargs: dict[str, Any]
+    policy: Policy,
+    encoded: list[Encoded],
+    counts: list[int],
+    gen_kwargs: dict[str, Any],
+    batch_tokens: int | None = None,
 ) -> list[torch.Tensor]:
     """Continuations of several prompts in one generate call: [counts[i], T] per prompt.
 
     Prompts are left-padded into one batch. With `policy.shared_prefix` the prompts run once
     (one batched prefill) and each one's KV cache is repeated for its rows; otherwise every
     row carries its prompt. Models whose inputs cannot be stacked sample prompt by prompt.
+    With `batch_tokens`, prompts are split over several calls so that none holds more
+    tokens than that (a prompt's rows are never split).
     """
+    if batch_tokens is not None and len(encoded) > 1:
+        new = gen_kwargs["max_new_tokens"]
+        shared = policy.shared_prefix
+        costs = [_generate_tokens(e, c, new, shared) for e, c in zip(encoded, counts, strict=True)]
+        chunks = pack(costs, batch_tokens)
+        if len(chunks) > 1:
+            return [
+                out
+                for chunk in chunks
+                for out in sample_many(
+                    policy, [encoded[i] for i in chunk], [counts[i] for i in chunk], gen_kwargs
+                )
+            ]
     if not stackable(encoded):
         return [
             sample(policy.model, e, c, gen_kwargs, policy.shared_prefix) if c else None
@@ -308,7 +333,11 @@ def rollout_groups(
     ]
     counts = [_split(cfg.n_rollouts, len(o)) for o in orders]
     flat = sample_many(
-        policy, [e for es in encoded for e in es], [c for cs in counts for c in cs], gen_kwargs
+        policy,
+        [e for es in encoded for e in es],
+        [c for cs in counts for c in cs],
+        gen_kwargs,
+        cfg.batch_tokens,
     )
     groups, at = [], 0
     for item, encs, cs in zip(items, encoded, counts, strict=True):
@@ -493,7 +522,7 @@ def greedy_answers(
     for start in range(0, len(items), GREEDY_BATCH):
         chunk = items[start : start + GREEDY_BATCH]
         encoded = [policy.encode(build_prompt(task, item), item) for item in chunk]
-        tokens = sample_many(policy, encoded, [1] * len(chunk), gen_kwargs)
+        tokens = sample_many(policy, encoded, [1] * len(chunk), gen_kwargs, cfg.batch_tokens)
         for item, enc, t in zip(chunk, encoded, tokens, strict=True):
             response = decode(policy.tokenizer, trim_completion(t[0], policy.eos, policy.pad))
             results.append(
