@@ -91,6 +91,17 @@ def can_merge(model_kwargs: dict[str, Any], prompt_length: int) -> bool:
     return "mm_encoder_outputs" in model_kwargs
 
 
+def same_feature_shapes(per_prompt: Sequence[dict[str, Any]]) -> bool:
+    """Can these prompts' features be concatenated? Batched tensor features ([1, tokens, H])
+    must agree past the first dimension; per-image lists of any length always can."""
+    for modality in per_prompt[0] if per_prompt else ():
+        pools = [p[modality].get("pooler_output") for p in per_prompt]
+        tensors = [x for x in pools if isinstance(x, torch.Tensor)]
+        if len({tuple(t.shape[1:]) for t in tensors}) > 1:
+            return False
+    return True
+
+
 def stack_kwargs(per_prompt: Sequence[dict[str, Any]], rows: Sequence[int]) -> dict[str, Any]:
     """Model kwargs for rows drawn from prompts (`rows[j]` = prompt of row j): per-token
     inputs left-padded with 0, image features and per-image inputs stacked in row order."""

@@ -22,6 +22,7 @@ from .batching import (
     pack,
     position_ids,
     row_index,
+    same_feature_shapes,
     stack_kwargs,
 )
 from .config import RolloutConfig, TaskConfig
@@ -247,7 +248,9 @@ def text_positions(model: Any) -> bool:
 
 
 def stackable(encoded: list[Encoded]) -> bool:
-    return all(can_merge(e.model_kwargs, e.length) for e in encoded)
+    return all(can_merge(e.model_kwargs, e.length) for e in encoded) and same_feature_shapes(
+        [e.model_kwargs["mm_encoder_outputs"] for e in encoded]
+    )
 
 
 def _per_token_to(kwargs: dict[str, Any], width: int) -> dict[str, Any]:
