@@ -139,9 +139,15 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------------
 
     def _job_load_model(self, job: dict[str, Any]) -> dict[str, Any]:
+        from ttrv.loading import gpu_memory_mib, parameter_counts
+
         req = job["request"]
         loaded = self.ensure_model(req["model"], req.get("lora") or {}, seed=0)
-        return {"info": loaded.info}
+        # Counted after the adapter is attached: what a run will train, not the frozen base.
+        total, trainable = parameter_counts(loaded.model)
+        info = dict(loaded.info, total_params=total, trainable_params=trainable)
+        info["gpu_memory_mib"] = gpu_memory_mib(loaded.device)
+        return {"info": info}
 
     def _session_setup(self, sid: str) -> tuple[Any, list[Any], Any]:
         from ttrv.config import AdaptConfig

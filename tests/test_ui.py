@@ -377,6 +377,8 @@ def test_load_model_reports_size_and_device(app):
                    120, "the load_model job")  # fmt: skip
     text = job_text(job)
     assert "parameters" in text and "device **cpu**" in text, text
+    info = job["result"]["info"]  # counted with the LoRA adapter a run will train
+    assert 0 < info["trainable_params"] < info["total_params"] and "trainable (LoRA)" in text
     c.predict(model__model="/nonexistent/model", api_name="/load_model")
     job = wait_for(lambda: (j := jobs.latest(app.store, "load_model")) and j["finished"] and j,
                    60, "the failing load_model job")  # fmt: skip

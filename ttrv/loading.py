@@ -249,6 +249,13 @@ def model_info(model: Any, model_id: str, quantization: str) -> dict[str, Any]:
     }
 
 
+def gpu_memory_mib(device: torch.device) -> float | None:
+    """Memory the process holds on a CUDA device (MiB), None elsewhere."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load model + processor from a hub id or local folder, base weights frozen, eval mode."""
     device = resolve_device(cfg.device)

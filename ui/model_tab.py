@@ -93,6 +93,7 @@ def job_text(job: dict[str, Any] | None) -> str:
         f"Loaded **{short}** — {_size(i.get('total_params'))} parameters{lora} · device "
         f"**{i.get('device')}** · {i.get('dtype')} · quantisation {i.get('quantization')} · "
         f"weights {(i.get('param_bytes') or 0) / 2**20:.1f} MiB"
+        + (f" · GPU memory {i['gpu_memory_mib']:.0f} MiB" if i.get("gpu_memory_mib") else "")
     )
 
 
