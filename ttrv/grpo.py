@@ -131,30 +131,29 @@ def grpo_update(
     loss is a token mean over the whole step.
     """
     model = policy.model
-    # units: (group, prompt, row indices) with a non-zero advantage, in a fixed order
+    # units: (group, its advantages, prompt, row indices with a non-zero advantage)
     units = [
-        (g, prompt, idx)
+        (g, a, prompt, idx)
         for g, a in zip(groups, advantages, strict=True)
         for prompt, idx in _trained_rows(g, a).items()
     ]
-    total_tokens = sum(len(g.completions[i]) for g, _, idx in units for i in idx)
-    skipped = len({id(g) for g in groups} - {id(g) for g, _, _ in units})
+    total_tokens = sum(len(g.completions[i]) for g, _, _, idx in units for i in idx)
+    skipped = len({id(g) for g in groups} - {id(u[0]) for u in units})
     optimizer.zero_grad(set_to_none=True)
     if total_tokens == 0:
         return UpdateStats(0.0, None, 0.0, 0, skipped)
 
-    adv_of = {id(g): a for g, a in zip(groups, advantages, strict=True)}
     model.train()
     loss_total, kl_total = 0.0, 0.0
-    costs = [_unit_tokens(g, p, idx, policy.shared_prefix) for g, p, idx in units]
+    costs = [_unit_tokens(g, p, idx, policy.shared_prefix) for g, _, p, idx in units]
     for chunk in pack(costs, micro_batch_tokens):
         part = [units[c] for c in chunk]
-        encoded = [g.encoded[p] for g, p, _ in part]
-        comps = [[g.completions[i] for i in idx] for g, _, idx in part]
+        encoded = [g.encoded[p] for g, _, p, _ in part]
+        comps = [[g.completions[i] for i in idx] for g, _, _, idx in part]
         logp, mask = batch_logprobs(
             model, encoded, comps, policy.pad, temperature, policy.shared_prefix
         )
-        adv = [adv_of[id(g)][i] for g, _, idx in part for i in idx]
+        adv = [a[i] for _, a, _, idx in part for i in idx]
         adv_t = torch.tensor(adv, dtype=logp.dtype, device=logp.device)
         loss = clipped_surrogate(logp, logp.detach(), adv_t, mask, clip_eps)
         if beta > 0:

@@ -162,15 +162,19 @@ class Policy:
         return kwargs
 
 
+def _multimodal_rope(model: Any) -> bool:
+    """Qwen-VL computes its positions from the image layout (multimodal rope)."""
+    base = hf_model(model)
+    return hasattr(getattr(base, "model", base), "get_rope_index")
+
+
 def supports_shared_prefix(model: Any) -> bool:
     """Can a prompt's KV cache be reused for continuations run without the image?
 
     Not for models whose text positions depend on the image layout (Qwen-VL's multimodal
     rope computes them from the full input): they keep the full-sequence path.
     """
-    base = hf_model(model)
-    inner = getattr(base, "model", base)
-    return supports_cached_images(model) and not hasattr(inner, "get_rope_index")
+    return supports_cached_images(model) and not _multimodal_rope(model)
 
 
 def wants_token_type_ids(model: Any) -> bool:
@@ -209,16 +213,13 @@ def sample(
         out = model.generate(
             input_ids=enc.input_ids, num_return_sequences=n, **enc.kwargs(), **gen_kwargs
         )
-        return out[:, enc.length :]  # [n, T]
-    cache = _cache_of(_prefill(model, enc, enc.input_ids[:, :-1], logits_to_keep=1))
-    cache.batch_repeat_interleave(n)
-    out = model.generate(
-        input_ids=enc.input_ids.expand(n, -1),
-        attention_mask=enc.attention_mask.expand(n, -1),
-        cache=cache,
-        **gen_kwargs,
-    )
-    return out[:, enc.length :]  # [n, T]
+    else:
+        kwargs = {k: v for k, v in enc.kwargs().items() if k != "attention_mask"}
+        rows = torch.zeros(n, dtype=torch.long, device=enc.input_ids.device)
+        out = _generate_on_shared_prefix(
+            model, enc.input_ids, enc.attention_mask, kwargs, rows, gen_kwargs
+        )
+    return out[:, enc.length :].cpu()  # [n, T]; one copy to the host, not one per row
 
 
 def decode(tokenizer: Any, tokens: torch.Tensor) -> str:
@@ -241,10 +242,8 @@ def text_positions(model: Any) -> bool:
     positions from the attention mask and must not be given any.)"""
     import inspect
 
-    base = hf_model(model)
-    inner = getattr(base, "model", base)
-    forward = inspect.signature(base.forward).parameters
-    return "position_ids" in forward and not hasattr(inner, "get_rope_index")
+    forward = inspect.signature(hf_model(model).forward).parameters
+    return "position_ids" in forward and not _multimodal_rope(model)
 
 
 def stackable(encoded: list[Encoded]) -> bool:
@@ -253,9 +252,30 @@ def stackable(encoded: list[Encoded]) -> bool:
     )
 
 
-def _per_token_to(kwargs: dict[str, Any], width: int) -> dict[str, Any]:
-    """Per-token side inputs (token types) cut to the first `width` columns."""
-    return {k: v[:, :width] if is_per_token(k) else v for k, v in kwargs.items()}
+def _generate_on_shared_prefix(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    kwargs: dict[str, Any],
+    rows: torch.Tensor,
+    gen_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Run the prompts [M, P] once without their last token, repeat each one's KV cache for
+    its rows (`rows[j]` = prompt of row j), then generate: [R, P + T] token ids."""
+    width = ids.shape[1]
+    kw = {  # per-token side inputs (token types) cut to the prefix
+        k: v[:, : width - 1]
+        if is_per_token(k) and getattr(v, "ndim", 0) == 2 and v.shape[1] == width
+        else v
+        for k, v in kwargs.items()
+    }
+    if text_positions(model):
+        kw["position_ids"] = position_ids(mask[:, :-1])
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                logits_to_keep=1, **kw)  # fmt: skip
+    cache = _cache_of(out)
+    cache.reorder_cache(rows)
+    return model.generate(input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **gen_kwargs)
 
 
 def _generate_tokens(enc: Encoded, count: int, new: int, shared_prefix: bool) -> int:
@@ -303,21 +323,13 @@ def sample_many(
     rows = row_index(counts, device)  # [R]
     width = ids.shape[1]
     if policy.shared_prefix and width >= 2:
-        kw = _per_token_to(stack_kwargs([e.model_kwargs for e in encoded],
-                                        range(len(encoded))), width - 1)  # fmt: skip
-        if text_positions(model):
-            kw["position_ids"] = position_ids(mask[:, :-1])
-        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                    logits_to_keep=1, **kw)  # fmt: skip
-        cache = _cache_of(out)
-        cache.reorder_cache(rows)
-        tokens = model.generate(
-            input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **gen_kwargs
-        )
+        kw = stack_kwargs([e.model_kwargs for e in encoded], range(len(encoded)))
+        tokens = _generate_on_shared_prefix(model, ids, mask, kw, rows, gen_kwargs)
     else:
         kw = stack_kwargs([e.model_kwargs for e in encoded], rows.tolist())
         tokens = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw, **gen_kwargs)
-    return list(tokens[:, width:].split(list(counts)))
+    # one copy to the host for all rows (trimming reads each row's tokens)
+    return list(tokens[:, width:].cpu().split(list(counts)))
 
 
 def rollout_groups(
@@ -370,16 +382,6 @@ def _checkpointing(model: Any) -> bool:
     base = hf_model(model)
     flag = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.2x name
     return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
-
-
-def _prefill(model: Any, enc: Encoded, input_ids: torch.Tensor, **extra: Any) -> Any:
-    """Run (part of) the prompt once with the image and return the forward output."""
-    kw = enc.kwargs()
-    p = input_ids.shape[1]
-    for key, value in list(kw.items()):
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == enc.length:
-            kw[key] = value[:, :p]  # per-token side inputs cut to the prefix
-    return model(input_ids=input_ids, use_cache=True, **kw, **extra)
 
 
 def _cache_of(out: Any) -> Any:
