@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,42 @@ def test_decompression_bomb_refused_with_clear_message(tmp_path):
     path = save(Image.new("L", (200, 200)), tmp_path / "bomb.png")
     with pytest.raises(ImageError, match=r"bomb\.png.*200 x 200.*decompression bomb"):
         load_image(path, max_pixels=10_000)
+
+
+def test_decompression_bomb_warning_becomes_our_message(tmp_path, monkeypatch):
+    """Pillow warns on stderr while opening an image over its limit; the person must see
+    only the product's message, which names the file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns over it, fails at 2x
+    path = save(Image.new("L", (40, 40)), tmp_path / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match=r"bomb\.png: 40 x 40 pixels is over the 1,000-pix"):
+            load_image(path)
+    assert [w.category.__name__ for w in caught] == []
+
+
+@pytest.mark.parametrize(
+    ("size", "ratio", "shrunk"),
+    [((4000, 3), 1333, (1024, 1)), ((3, 4000), 1333, (1, 1024)), ((4000, 20), 205, (1024, 5))],
+    ids=["wide", "tall", "rounded-over-when-shrunk"],
+)
+def test_strips_refused_with_clear_message(tmp_path, size, ratio, shrunk):
+    """Qwen-VL's processors refuse over 200:1 with no file name; 4000 x 20 is 200:1 as
+    given but 1024 x 5 (204.8:1) as the model would get it."""
+    path = save(Image.new("RGB", size, RED), tmp_path / "strip.png")
+    w, h = size
+    with pytest.raises(
+        ImageError, match=rf"strip\.png: {w} x {h} pixels is too elongated .* {ratio}:1, the limit"
+    ):
+        load_image(path)
+    assert load_image(path, max_aspect=None).size == shrunk  # the limit can be lifted
+
+
+def test_elongated_but_usable_images_load(tmp_path):
+    path = save(Image.new("RGB", (2000, 11), RED), tmp_path / "banner.png")
+    assert load_image(path).size == (1024, 6)  # 170.7:1, under the limit
+    items, warnings_ = load_items([tmp_path])
+    assert [it.name for it in items] == ["banner.png"] and warnings_ == []
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,12 @@
 `load_image` returns an RGB image whatever the file holds (alpha is composited on white,
 CMYK and palette images converted, 16-bit and float grayscale scaled to 8 bits, animations
 give their first frame, EXIF orientation applied, large images shrunk to `max_side`), or
-raises `ImageError` naming the file and the reason. `load_items` never fails on one bad
+raises `ImageError` naming the file and the reason (unreadable, a possible decompression
+bomb, or a strip too elongated for any vision model). `load_items` never fails on one bad
 file: it skips it with a warning, and raises only when nothing usable is left.
+
+What a particular model's processor accepts is checked later, once the model is loaded, by
+`ttrv.screening.screen_items`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,6 +31,12 @@ IMAGE_EXTENSIONS = frozenset(
     | {".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
 )
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# Longest side over shortest side of the image a model receives. Qwen2/2.5/3-VL's processors
+# refuse anything over 200:1 (with no file name); the other families squash such a strip
+# into a square where nothing is left to see. Realistic photos stay far below (a panorama
+# is ~10:1), so the cheap check here gives a clear message before any model is loaded.
+MAX_ASPECT = 200.0
 
 
 class ImageError(ValueError):
@@ -64,22 +75,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _shrink(im: Image.Image, max_side: int | None) -> Image.Image:
-    w, h = im.size
+def _shrunk_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
     if not max_side or max(w, h) <= max_side:
-        return im
+        return w, h
     scale = max_side / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _shrink(im: Image.Image, max_side: int | None) -> Image.Image:
+    size = _shrunk_size(*im.size, max_side)
+    if size == im.size:
+        return im
     return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
+def _aspect(w: int, h: int) -> float:
+    return max(w, h) / max(1, min(w, h))
+
+
 def load_image(
-    path: str | Path, max_side: int | None = 1024, max_pixels: int | None = None
+    path: str | Path,
+    max_side: int | None = 1024,
+    max_pixels: int | None = None,
+    max_aspect: float | None = MAX_ASPECT,
 ) -> Image.Image:
     """The image at `path` as RGB, its longer side at most `max_side` (None: any size).
 
     Images over `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`, ~89 Mpx) are
-    refused as possible decompression bombs, before their pixels are decoded.
+    refused as possible decompression bombs, before their pixels are decoded. Images whose
+    sides differ by more than `max_aspect` times (as given, or after shrinking, which can
+    round the short side down) are refused as strips no model can use (None: no limit).
     """
     path = Path(path)
     try:
@@ -93,21 +118,13 @@ def load_image(
         raise ImageError(f"{path}: cannot read the file ({e.strerror or e})") from e
     limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if limit and w * h > limit:
-                raise ImageError(
-                    f"{path}: {w} x {h} pixels is over the {limit:,}-pixel limit (a possible "
-                    "decompression bomb); shrink the image first"
-                )
-            if max_side and im.format == "JPEG":
-                im.draft(im.mode, (max_side, max_side))  # decode at a reduced scale
-            im.load()  # first frame of an animation; truncated data fails here
-            try:
-                oriented = ImageOps.exif_transpose(im)
-            except Exception:  # a broken EXIF block must not cost the image
-                oriented = im.copy()
-            rgb = _to_rgb(oriented)
+        # Pillow warns (DecompressionBombWarning, straight to stderr) while opening an image
+        # over its pixel limit, before the size check below can give this product's own
+        # message; that check uses the same limit, so the warning is silenced, not lost.
+        # (The filter list is process-wide: meanwhile other threads ignore this category too.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            rgb = _decode(path, max_side, limit, max_aspect)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -116,7 +133,44 @@ def load_image(
         raise ImageError(f"{path}: not an image file Pillow can read") from e
     except Exception as e:  # Pillow's decoders raise many types on corrupt data
         raise ImageError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
-    return _shrink(rgb, max_side)
+    out = _shrink(rgb, max_side)
+    # The header check in _decode predicts this size; JPEG draft decoding can round it
+    # differently, and the model gets exactly this image.
+    _check_aspect(path, rgb.size, out.size, max_aspect)
+    return out
+
+
+def _check_aspect(
+    path: Path, given: tuple[int, int], out: tuple[int, int], max_aspect: float | None
+) -> None:
+    ratio = max(_aspect(*given), _aspect(*out))
+    if max_aspect and ratio > max_aspect:
+        w, h = given
+        raise ImageError(
+            f"{path}: {w} x {h} pixels is too elongated for a vision model (aspect ratio "
+            f"{ratio:.0f}:1, the limit is {max_aspect:g}:1); crop it into pieces first"
+        )
+
+
+def _decode(path: Path, max_side: int | None, limit: int, max_aspect: float | None) -> Image.Image:
+    with Image.open(path) as im:
+        w, h = im.size
+        if limit and w * h > limit:
+            raise ImageError(
+                f"{path}: {w} x {h} pixels is over the {limit:,}-pixel limit (a possible "
+                "decompression bomb); shrink the image first"
+            )
+        # Judged on the header, before decoding: both as given and as the model would get
+        # it (4000 x 20 is 200:1, but shrunk to 1024 x 5 it is 204.8:1).
+        _check_aspect(path, (w, h), _shrunk_size(w, h, max_side), max_aspect)
+        if max_side and im.format == "JPEG":
+            im.draft(im.mode, (max_side, max_side))  # decode at a reduced scale
+        im.load()  # first frame of an animation; truncated data fails here
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:  # a broken EXIF block must not cost the image
+            oriented = im.copy()
+        return _to_rgb(oriented)
 
 
 def collect_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
