@@ -226,20 +226,37 @@ def _summary_text(s: dict[str, Any], out: Path) -> str:
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
+    from .images import ImageError
+
     cfg = config_from_args(args)
-    items = _load_items(args.images, args.labels)
+    try:
+        items = _load_items(args.images, args.labels)
+    except ImageError as e:
+        # Said here, before loading the model imports torch (seconds, hundreds of MB);
+        # `main` would import the model loader just to recognise this error.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from .adapt import make_policy
     from .config import RolloutConfig
     from .evaluate import accuracy, correct
     from .loading import load_model
     from .lora import load_adapter
     from .rollout import greedy_answers
+    from .screening import screen_items
 
     loaded = load_model(cfg.model)
     if args.adapter:
         loaded.model = load_adapter(loaded.model, args.adapter, trainable=False)
     rollout = RolloutConfig(max_new_tokens=args.max_new_tokens)
-    answers = greedy_answers(make_policy(loaded), items, cfg.task, rollout)
+    policy = make_policy(loaded)
+    # Images this model's processor refuses are skipped, by name, before any is answered.
+    items, rejected = screen_items(policy, items, cfg.task)
+    for r in rejected:
+        print(f"warning: {r.message}; skipped", file=sys.stderr)
+    if not items:
+        print("error: the model cannot use any of the given images (see above)", file=sys.stderr)
+        return 1
+    answers = greedy_answers(policy, items, cfg.task, rollout)
     for it, a in zip(items, answers, strict=True):
         if args.json:
             print(json.dumps({"name": it.name, **a, "label": it.label}))

@@ -4,6 +4,11 @@ The vision tower is frozen, so an image's encoder output is computed once (`Imag
 and reused for all N rollouts, the training forward passes and every round. Sampling and
 scoring hand the cached features to transformers through `mm_encoder_outputs`, which every
 supported family accepts; models that do not fall back to re-encoding pixels.
+
+One bad image never takes down the images it is batched with: every image is encoded on its
+own, and a batched generate call that fails is repeated prompt by prompt. Images that fail
+raise `ttrv.screening.ImageEncodeError` naming each of them (after the others have been
+encoded), so the caller can drop them and repeat the call with the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .batching import (
     stack_kwargs,
 )
 from .config import RolloutConfig, TaskConfig
+from .screening import ImageEncodeError, Rejection, processor_reason
 from .tasks import Item, Prompt, build_prompt, render_prompt
 
 
@@ -38,6 +44,7 @@ class Encoded:
     input_ids: torch.Tensor  # [1, P]
     attention_mask: torch.Tensor  # [1, P]
     model_kwargs: dict[str, Any]  # image inputs: cached encoder outputs or raw pixels
+    item: Item | None = None  # whose image (to name it when it fails)
 
     @property
     def length(self) -> int:
@@ -132,8 +139,15 @@ class Policy:
     shared_prefix: bool = False  # run each prompt once and share its KV cache (see sample)
 
     def encode(self, prompt: Prompt, item: Item) -> Encoded:
+        """One prompt for one image. Raises `ImageEncodeError` naming the image when the
+        processor refuses it or the vision tower fails on it (not when out of memory)."""
         text = render_prompt(self.processor, prompt)
-        batch = self.processor(text=[text], images=[item.image], return_tensors="pt")
+        try:
+            batch = self.processor(text=[text], images=[item.image], return_tensors="pt")
+        except Exception as e:  # processors raise ValueError, TypeError, ... on images
+            if _out_of_memory(e):
+                raise
+            raise ImageEncodeError([Rejection.of(item, processor_reason(e))]) from e
         batch = {
             k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
         }
@@ -144,8 +158,29 @@ class Policy:
         attention_mask = batch.pop("attention_mask")
         if not self.keep_token_type_ids:
             batch.pop("token_type_ids", None)
-        kwargs = self.cache.image_kwargs(item.image_id, batch)
-        return Encoded(prompt, text, input_ids, attention_mask, kwargs)
+        try:
+            kwargs = self.cache.image_kwargs(item.image_id, batch)
+        except Exception as e:
+            if _out_of_memory(e):
+                raise
+            reason = f"the model's vision encoder fails on this image ({type(e).__name__}: {e})"
+            raise ImageEncodeError([Rejection.of(item, reason)]) from e
+        return Encoded(prompt, text, input_ids, attention_mask, kwargs, item)
+
+    def encode_all(self, prompts: list[list[Prompt]], items: list[Item]) -> list[list[Encoded]]:
+        """`prompts[i]` of `items[i]`, each image encoded on its own. When some fail, the
+        rest are still encoded (and their features cached), then one `ImageEncodeError`
+        names every failing image."""
+        encoded: list[list[Encoded]] = []
+        rejections: list[Rejection] = []
+        for item_prompts, item in zip(prompts, items, strict=True):
+            try:
+                encoded.append([self.encode(p, item) for p in item_prompts])
+            except ImageEncodeError as e:
+                rejections += e.rejections
+        if rejections:
+            raise ImageEncodeError(rejections)
+        return encoded
 
     def generation_kwargs(self, cfg: RolloutConfig, sample: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -160,6 +195,11 @@ class Policy:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Memory is not a property of one image: such errors are never blamed on an image."""
+    return isinstance(error, MemoryError | torch.OutOfMemoryError)
 
 
 def _multimodal_rope(model: Any) -> bool:
@@ -313,10 +353,22 @@ def sample_many(
                 )
             ]
     if not stackable(encoded):
-        return [
-            sample(policy.model, e, c, gen_kwargs, policy.shared_prefix) if c else None
-            for e, c in zip(encoded, counts, strict=True)
-        ]
+        return _sample_each(policy, encoded, counts, gen_kwargs)
+    try:
+        return _sample_stacked(policy, encoded, counts, gen_kwargs)
+    except Exception as e:
+        if _out_of_memory(e):
+            raise
+        # One image's inputs can break the whole batch; prompt by prompt, only its own
+        # prompts fail and `_sample_each` names it. (Good batches never get here, and a
+        # batch that failed for every image re-raises this error.)
+        return _sample_each(policy, encoded, counts, gen_kwargs, batch_error=e)
+
+
+def _sample_stacked(
+    policy: Policy, encoded: list[Encoded], counts: list[int], gen_kwargs: dict[str, Any]
+) -> list[torch.Tensor]:
+    """All prompts in one generate call (the fast path; see `sample_many`)."""
     model, device = policy.model, encoded[0].input_ids.device
     ids = left_pad([e.input_ids for e in encoded], policy.pad)  # [M, P]
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
@@ -332,6 +384,44 @@ def sample_many(
     return list(tokens[:, width:].cpu().split(list(counts)))
 
 
+def _sample_each(
+    policy: Policy,
+    encoded: list[Encoded],
+    counts: list[int],
+    gen_kwargs: dict[str, Any],
+    batch_error: Exception | None = None,
+) -> list[torch.Tensor | None]:
+    """Prompt by prompt. Prompts that fail are tried to the end, then one
+    `ImageEncodeError` names their images. When every image fails (two or more), the
+    problem is not an image, and the error is raised as it is; a lone image that fails is
+    named (there is nothing to compare it with, and naming it lets the run go on)."""
+    out: list[torch.Tensor | None] = []
+    failed: dict[str, tuple[Item, Exception]] = {}
+    for e, c in zip(encoded, counts, strict=True):
+        if not c:
+            out.append(None)
+            continue
+        try:
+            out.append(sample(policy.model, e, c, gen_kwargs, policy.shared_prefix))
+        except Exception as err:
+            if _out_of_memory(err) or e.item is None:
+                raise
+            failed.setdefault(e.item.image_id, (e.item, err))
+            out.append(None)
+    if not failed:
+        return out
+    first = next(iter(failed.values()))[1]
+    images = {e.item.image_id for e, c in zip(encoded, counts, strict=True) if c and e.item}
+    if len(failed) == len(images) > 1:
+        raise batch_error or first
+    how = "in a batch and alone" if batch_error else "alone"
+    rejections = [
+        Rejection.of(item, f"the model fails on this image {how} ({type(err).__name__}: {err})")
+        for item, err in failed.values()
+    ]
+    raise ImageEncodeError(rejections) from batch_error or first
+
+
 def rollout_groups(
     policy: Policy,
     items: list[Item],
@@ -342,10 +432,11 @@ def rollout_groups(
     """N rollouts of each item (split evenly over its option orders), all sampled in one
     generate call."""
     gen_kwargs = policy.generation_kwargs(cfg, sample=True)
-    encoded = [
-        [policy.encode(build_prompt(task, item, order), item) for order in item_orders]
+    prompts = [
+        [build_prompt(task, item, order) for order in item_orders]
         for item, item_orders in zip(items, orders, strict=True)
     ]
+    encoded = policy.encode_all(prompts, items)
     counts = [_split(cfg.n_rollouts, len(o)) for o in orders]
     flat = sample_many(
         policy,
@@ -526,7 +617,9 @@ def greedy_answers(
     results = []
     for start in range(0, len(items), GREEDY_BATCH):
         chunk = items[start : start + GREEDY_BATCH]
-        encoded = [policy.encode(build_prompt(task, item), item) for item in chunk]
+        encoded = [
+            es[0] for es in policy.encode_all([[build_prompt(task, it)] for it in chunk], chunk)
+        ]
         tokens = sample_many(policy, encoded, [1] * len(chunk), gen_kwargs, cfg.batch_tokens)
         for item, enc, t in zip(chunk, encoded, tokens, strict=True):
             response = decode(policy.tokenizer, trim_completion(t[0], policy.eos, policy.pad))
