@@ -202,6 +202,7 @@ class Job:
     setting: str = "main"  # "main", a STRESS_SETTINGS key or a TUNE_GRID key
     overrides: dict[str, Any] = field(default_factory=dict)  # on top of the variant's
     trajectory: bool = True  # evaluate after every round (for offline guard replays)
+    watch: int = 0  # unlabeled images of the split (not adapted on) handed over as watch pool
 
     @property
     def key(self) -> tuple[str, str, str, int, int, str]:
@@ -218,10 +219,19 @@ def job_config(job: Job, model_path: str, rollout: dict[str, Any] | None = None)
         "task": {"kind": "multiple_choice", "question": MC_QUESTION},
         "optim": {"seed": job.seed},
         "rollout": dict(rollout or {}),
+        # Checks at round ends only, so that the per-round replay is the engine's sequence.
+        "guard": {"check_every": 0},
     }
     data = deep_merge(data, VARIANTS[job.variant] or {})
     data = deep_merge(data, {k: v for k, v in job.overrides.items() if k != "images"})
     return AdaptConfig.from_dict(data)
+
+
+def watch_positions(n_items: int, adapted: list[int], n: int, seed: int) -> list[int]:
+    """`n` seeded positions among the images not adapted on: the unlabeled watch pool the
+    benchmark hands the product (label-free: positions only)."""
+    rest = sorted(set(range(n_items)) - set(adapted))
+    return sorted(random.Random(f"ttrv-bench:watch:{seed}").sample(rest, min(n, len(rest))))
 
 
 def adapt_positions(n_items: int, k: int, seed: int, split: str) -> list[int]:
@@ -334,12 +344,25 @@ class Worker:
 
         # Adapt with the guard off, recording each round (answers + weights) for the replay.
         unlabeled = [replace(items[p], label=None) for p in positions]
+        pool_positions = watch_positions(len(items), positions, job.watch, job.seed)
+        pool = [replace(items[p], label=None) for p in pool_positions]
+        record["watch_positions"] = pool_positions
         model = attach_lora(copy.deepcopy(base_loaded.model), cfg.lora, seed=job.seed)
         recorder = RoundRecorder(model)
         run_cfg = replace(cfg, guard=replace(cfg.guard, guard=False))
         torch.manual_seed(job.seed)
         t1 = time.perf_counter()
-        result = adapt(replace(base_loaded, model=model), unlabeled, run_cfg, sink=recorder)
+        from ttrv.watch import Split
+
+        split = Split(
+            [it.image_id for it in unlabeled],
+            [it.image_id for it in pool],
+            f"benchmark: {len(pool)} unlabeled held-out images as the watch pool",
+        )
+        result = adapt(
+            replace(base_loaded, model=model), unlabeled + pool, run_cfg, sink=recorder,
+            split=split,
+        )  # fmt: skip
         record.update(
             seconds_adapt=time.perf_counter() - t1,
             steps=result.steps,
@@ -347,20 +370,17 @@ class Worker:
             reason=result.reason,
             adapted_positions=positions,
             train=recorder.step_summary(),
-            before=[a["answer"] for a in recorder.before],
+            before=[a["answer"] for a in recorder.before[: len(unlabeled)]],
+            before_watch=[a["answer"] for a in recorder.before[len(unlabeled) :]],
+            votes=recorder.votes,
+            forecast={k: v for k, v in recorder.forecast.items() if k != "votes"},
             rounds=[
                 {
                     "round": i + 1,
-                    "answers": [a["answer"] for a in r["answers"]],
-                    "signals": s["signals"],
+                    "answers": [a["answer"] for a in r["answers"][: len(unlabeled)]],
+                    "answers_watch": [a["answer"] for a in r["answers"][len(unlabeled) :]],
                 }
-                for i, (r, s) in enumerate(
-                    zip(
-                        recorder.rounds,
-                        recorder.rounds_with_signals(cfg.task, unlabeled),
-                        strict=True,
-                    )
-                )
+                for i, r in enumerate(recorder.rounds)
             ],
         )
 
@@ -382,8 +402,9 @@ class Worker:
 
         record["unguarded"] = {"round": n_rounds, "metrics": at_round(n_rounds, True)}
         rep = replay_guard(
-            cfg.task, unlabeled, recorder.before, recorder.rounds, _asdict(cfg.guard)
-        )
+            cfg.task, unlabeled, recorder.before, recorder.rounds, _asdict(cfg.guard),
+            watch=pool, votes=recorder.votes,
+        )  # fmt: skip
         record["guarded"] = {**rep, "metrics": at_round(rep["round"], True)}
         if job.trajectory:
             record["trajectory"] = {str(r): at_round(r, False) for r in range(n_rounds + 1)}
@@ -408,6 +429,8 @@ class RoundRecorder:
         self.before: list[dict[str, str]] = []
         self.rounds: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
+        self.forecast: dict[str, Any] = {}
+        self.votes: dict[str, str | None] = {}
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         from ttrv.lora import adapter_state
@@ -418,14 +441,8 @@ class RoundRecorder:
             self.rounds.append({"answers": data["answers"], "weights": adapter_state(self.model)})
         elif kind == "step":
             self.steps.append(data)
-
-    def rounds_with_signals(self, task: Any, items: list[Any]) -> list[dict[str, Any]]:
-        from ttrv.adapt import greedy_signals
-
-        return [
-            {"signals": greedy_signals(task, items, r["answers"], self.before).to_dict()}
-            for r in self.rounds
-        ]
+        elif kind == "forecast":
+            self.forecast, self.votes = data, data.get("votes") or {}
 
     def step_summary(self) -> dict[str, Any]:
         if not self.steps:
@@ -441,45 +458,49 @@ class RoundRecorder:
         }
 
 
-def replay_signals(base: Any, rounds: list[Any], guard: dict[str, Any]) -> dict[str, Any]:
-    """Where `adapt`'s guard loop ends, given the guard signals before and after each round.
+def replay_signals(
+    base: dict[str, Any], rounds: list[dict[str, Any]], guard: dict[str, Any]
+) -> dict[str, Any]:
+    """Where `adapt`'s guard ends, given the signals of each watched set (`ttrv.guard.SETS`)
+    before adaptation and at the end of each round (benchmark runs check at round ends only:
+    `check_every` is 0 in their configs, so this is the engine's decision sequence).
 
-    Mirrors `ttrv.adapt.adapt`: after round k, `check` the signals against those before; on
-    a trip, roll back to the best round so far by `score` (round 0 = the fresh adapter) and
-    stop; otherwise go on to the end. Returns the round whose weights the run ends with.
-    `guard` holds GuardConfig fields (missing ones take the GuardConfig defaults), plus two
+    Every check goes through `ttrv.guard.decide`, the engine's own decision: a trip rolls
+    back to the last clearly healthy round (0 = the unadapted model) and stops. `guard`
+    holds GuardConfig fields (missing ones take the GuardConfig defaults), plus two
     candidates the engine does not have: `max_position_entropy_drop`, a separate (tighter)
     bound for the option-letter spread, and `rollback="start"`: on a trip, go back to the
-    fresh adapter instead of the best round.
+    unadapted model whatever the earlier rounds looked like.
     """
     from ttrv.config import GuardConfig
-    from ttrv.guard import check, score
+    from ttrv.guard import decide
 
     guard = dict(guard)
     max_position_drop = guard.pop("max_position_entropy_drop", None)
     to_start = guard.pop("rollback", "best") == "start"
     cfg = GuardConfig(**{**guard, "guard": True})  # replayed for every variant
-    best_round, best_score = 0, score(base, base)
+    target = 0
     verdicts: list[str] = []
     for k, now in enumerate(rounds, start=1):
-        reasons = [check(base, now, cfg).reason]
-        if max_position_drop is not None and base.position_entropy and now.position_entropy:
-            drop = 1 - now.position_entropy / base.position_entropy
+        d = decide(base, now, cfg)
+        reasons = [d.reason]
+        b, n = base.get("adapted"), now.get("adapted")
+        if max_position_drop is not None and b and n and b.position_entropy and n.position_entropy:
+            drop = 1 - n.position_entropy / b.position_entropy
             if drop > max_position_drop:
                 reasons.append(f"the spread of chosen option letters fell by {drop:.1%}")
         reason = "; ".join(r for r in reasons if r)
         verdicts.append(reason)
         if reason:
             return {
-                "round": 0 if to_start else best_round,
+                "round": 0 if to_start else target,
                 "status": "guard_stopped",
                 "reason": reason,
                 "tripped_at": k,
                 "verdicts": verdicts,
             }
-        s = score(base, now)
-        if s >= best_score:
-            best_round, best_score = k, s
+        if d.healthy:
+            target = k
     return {
         "round": len(rounds),
         "status": "done",
@@ -495,21 +516,43 @@ def replay_guard(
     before: list[Any],
     rounds: list[dict[str, Any]],
     guard: dict[str, Any],
+    watch: list[Any] | None = None,
+    votes: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
-    images (`ttrv.adapt.greedy_signals`, as `adapt` computes them, the changed share
-    against the answers before adaptation included) before and after each round. Answers
-    are the sink's dicts or plain strings."""
+    images (`items`) and the watch pool (`watch`), as `adapt` computes them, before and at
+    each round's end. `before` and each round's "answers" are the sink's dicts (any images,
+    matched by id) or, in older stored runs, plain strings in the order of `items`; `votes`
+    are the forecast's votes (image id -> answer) for the unexplained-flips signal."""
     from ttrv.adapt import greedy_signals
 
-    def answers(xs: list[Any]) -> list[dict[str, str]]:
-        return [
-            x if isinstance(x, dict) else {"image_id": it.image_id, "answer": x}
+    def by_id(xs: list[Any]) -> dict[str, dict[str, str]]:
+        if xs and isinstance(xs[0], dict):
+            return {x["image_id"]: x for x in xs}
+        return {
+            it.image_id: {"image_id": it.image_id, "answer": x}
             for it, x in zip(items, xs, strict=True)
-        ]
+        }
 
-    base = greedy_signals(task, items, answers(before))
-    now = [greedy_signals(task, items, answers(r["answers"]), answers(before)) for r in rounds]
+    sets = {"adapted": items, "watch": watch or []}
+    sets = {k: v for k, v in sets.items() if v}
+    first = by_id(before)
+    before_list = list(first.values())
+
+    def sigs(answers: dict[str, dict[str, str]], reference: bool) -> dict[str, Any]:
+        return {
+            k: greedy_signals(
+                task,
+                its,
+                [answers[it.image_id] for it in its],
+                before_list if reference else None,
+                votes if reference else None,
+            )
+            for k, its in sets.items()
+        }
+
+    base = sigs(first, reference=False)
+    now = [sigs(by_id(r["answers"]), reference=True) for r in rounds]
     return replay_signals(base, now, guard)
 
 
@@ -533,12 +576,24 @@ def replay_record(
             replace(sig[r], changed_answers=traj[str(r)].get("changed_heldout"))
             for r in range(1, n + 1)
         ]
-        rep = replay_signals(sig[0], sig[1:], guard)
+        rep = replay_signals({"adapted": sig[0]}, [{"adapted": x} for x in sig[1:]], guard)
     else:
         task = TaskConfig(**record["config"]["task"])
         items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
         adapted = [items[p] for p in record["adapted_positions"]]
-        rep = replay_guard(task, adapted, record["before"], record["rounds"], guard)
+        watch = [items[p] for p in record.get("watch_positions", [])]
+
+        def answers(its: list[Any], xs: list[str]) -> list[dict[str, str]]:
+            return [{"image_id": it.image_id, "answer": x} for it, x in zip(its, xs, strict=True)]
+
+        before = answers(adapted, record["before"]) + answers(watch, record.get("before_watch", []))
+        rounds = [
+            {"answers": answers(adapted, r["answers"]) + answers(watch, r.get("answers_watch", []))}
+            for r in record["rounds"]
+        ]
+        rep = replay_guard(
+            task, adapted, before, rounds, guard, watch=watch, votes=record.get("votes")
+        )
     return {**rep, "metrics": traj[str(rep["round"])]}
 
 
@@ -1138,7 +1193,9 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
     if args.tune:
         for m in models:
             for s in seeds:
-                jobs.append(Job(m, "none", s, args.images, split="val", setting="tune"))
+                jobs.append(
+                    Job(m, "none", s, args.images, split="val", setting="tune", watch=args.watch)
+                )
                 for name, (variant, over) in TUNE_GRID.items():
                     jobs.append(
                         Job(
@@ -1150,6 +1207,7 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
                             setting=name,
                             overrides=over,
                             trajectory=True,
+                            watch=args.watch,
                         )
                     )
         return jobs
@@ -1162,10 +1220,12 @@ def build_jobs(args: argparse.Namespace, models: list[str]) -> list[Job]:
         for s in seeds:
             for v in variants:
                 if VARIANTS[v] is None:
-                    jobs.append(Job(m, v, s, args.images))
+                    jobs.append(Job(m, v, s, args.images, watch=args.watch))
                     continue
                 for name, over in settings.items():
-                    jobs.append(Job(m, v, s, args.images, setting=name, overrides=over))
+                    jobs.append(
+                        Job(m, v, s, args.images, setting=name, overrides=over, watch=args.watch)
+                    )
     return jobs
 
 
@@ -1184,6 +1244,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stress", action="store_true", help="the stress grid (STRESS_SETTINGS)")
     ap.add_argument("--tune", action="store_true", help="the val-split grid (TUNE_GRID)")
     ap.add_argument("--images", type=int, default=20, help="K unlabeled images to adapt on")
+    ap.add_argument(
+        "--watch",
+        type=int,
+        default=200,
+        help="unlabeled images of the split, not adapted on, handed to the product as its "
+        "watch pool (0 = none: only the K images, as a person with a small folder has)",
+    )
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 5; quick 2)")
     ap.add_argument("--models", default="base,offformat", help="comma-separated model keys")
     ap.add_argument(

@@ -207,8 +207,12 @@ def test_guard_rolls_back_a_collapse(tiny_model_dir, tmp_path, monkeypatch):
     result = adapt(loaded, items, cfg, lambda k, d: events.append((k, d)), output_dir=tmp_path)
     assert result.status == "guard_stopped"
     guard = [d for k, d in events if k == "guard"]
-    assert len(guard) == 1 and "single answer" in guard[0]["reason"]
-    assert guard[0]["action"] == "rollback"
+    assert [g["action"] for g in guard] == ["keep", "rollback"]
+    assert "single answer" in guard[1]["reason"]
+    # round 1 moved one answer in four: within bounds, not clearly healthy, so the target
+    # stayed the unadapted model
+    assert not guard[0]["healthy"] and guard[1]["rolled_back_to"] == "the unadapted model"
+    assert "Rolled back to the unadapted model" in result.reason
 
 
 def test_empty_image_set_is_refused(tiny_model_dir):

@@ -24,6 +24,8 @@ from . import guard as guard_mod
 from .answers import INVALID, canonical_label
 from .config import AdaptConfig
 from .events import RolloutRecord, Sink, StepRecord, null_sink
+from .forecast import Forecast, vote
+from .forecast import forecast as make_forecast
 from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
 from .lora import ADAPTER_FILE, adapter_state, load_adapter_state, save_adapter
 from .rewards import group_advantages, make_reward
@@ -37,10 +39,13 @@ from .rollout import (
     supports_shared_prefix,
     wants_token_type_ids,
 )
+from .screening import screen_items
 from .tasks import Item, item_options, option_orders
+from .watch import Split, seeded_sample, split_images, split_sizes
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+ROLLBACK_FILE = "rollback.safetensors"  # the guard's rollback target at this checkpoint
 
 
 @dataclass
@@ -52,6 +57,8 @@ class AdaptResult:
     after: list[dict[str, str]]
     checkpoint: Path | None = None
     history: list[StepRecord] = field(default_factory=list)
+    split: Split | None = None
+    target_step: int = 0  # the guard's rollback target when the run ended (0 = unadapted)
 
 
 def make_policy(loaded: Any, cache_images: bool = True, shared_prefix: bool = True) -> Policy:
@@ -90,9 +97,12 @@ def greedy_signals(
     items: list[Item],
     answers: list[dict[str, str]],
     before: list[dict[str, str]] | None = None,
+    votes: dict[str, str | None] | None = None,
 ) -> Any:
     """Guard signals of one set of greedy answers (option positions for multiple choice);
-    `before`: the same images' greedy answers before adaptation (for the changed share)."""
+    `before`: the same images' greedy answers before adaptation (for the changed share);
+    `votes`: image id -> top sampled answer before adaptation, where sampled (for the
+    unexplained flips)."""
     positions = None
     if task.kind == "multiple_choice":
         positions = []
@@ -100,11 +110,15 @@ def greedy_signals(
             options = [canonical_label(o, task) for o in item_options(task, item)]
             if a["answer"] in options:
                 positions.append(options.index(a["answer"]))
-    previous = None
+    previous = vote_list = None
     if before is not None:  # matched by image, not by position (a resumed run reorders)
         by_image = {b["image_id"]: b["answer"] for b in before}
         previous = [by_image.get(a["image_id"], INVALID) for a in answers]
-    return guard_mod.signals([a["answer"] for a in answers], positions=positions, before=previous)
+        if votes is not None:
+            vote_list = [votes.get(a["image_id"]) for a in answers]
+    return guard_mod.signals(
+        [a["answer"] for a in answers], positions=positions, before=previous, votes=vote_list
+    )
 
 
 def is_converged(group: Group) -> bool:
@@ -136,13 +150,20 @@ def load_adapter_weights(model: Any, folder: str | Path) -> None:
 
 
 def save_checkpoint(
-    folder: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    folder: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """A peft adapter folder (safetensors) plus optimiser moments (safetensors) and the loop
+    """A peft adapter folder (safetensors) plus optimiser moments (safetensors), `extra`
+    tensor files (file name -> tensors, e.g. the guard's rollback target) and the loop
     state (JSON). The folder loads anywhere a peft adapter does."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     save_adapter(model, folder)
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / name)
     moments: dict[str, torch.Tensor] = {}
     for name, p in trainable_params(model).items():
         st = optimizer.state.get(p, {})
@@ -259,7 +280,34 @@ def run_step(
 
 
 def steps_per_run(cfg: AdaptConfig, n_images: int) -> int:
-    return cfg.optim.rounds * math.ceil(n_images / cfg.optim.images_per_step)
+    """Steps of a run over a session of `n_images` (the watch pool is never trained on);
+    fewer when images converge and are skipped in later rounds."""
+    n_adapt, _ = split_sizes(n_images, cfg)
+    return cfg.optim.rounds * math.ceil(n_adapt / cfg.optim.images_per_step)
+
+
+def check_due(step: int, cfg: AdaptConfig) -> bool:
+    """A guard check after `step` steps, besides round ends (the same steps on resume)."""
+    return bool(cfg.guard.guard and cfg.guard.check_every and step % cfg.guard.check_every == 0)
+
+
+def unadapted_state(model: Any) -> dict[str, torch.Tensor]:
+    """LoRA weights equivalent to no adapter (every B zero: the update B @ A is zero), for
+    checkpoints that predate the stored rollback target."""
+    return {n: torch.zeros_like(t) if "lora_B" in n else t for n, t in adapter_state(model).items()}
+
+
+def sample_votes(
+    policy: Policy, items: list[Item], greedy: dict[str, str], cfg: AdaptConfig
+) -> tuple[Forecast, dict[str, str | None]]:
+    """The forecast on `items` (N samples each from the unadapted model; `greedy`: image id
+    -> greedy answer) and each image's vote."""
+    seed = cfg.optim.seed
+    torch.manual_seed(seed * 1_000_003 - 1)  # its own stream: training steps are unchanged
+    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, -1) for it in items]
+    groups = rollout_groups(policy, items, cfg.task, cfg.rollout, orders)
+    fc = make_forecast([greedy[it.image_id] for it in items], [g.answers for g in groups])
+    return fc, {g.item.image_id: vote(g.answers) for g in groups}
 
 
 def adapt(
@@ -270,8 +318,14 @@ def adapt(
     stop: Callable[[], bool] = lambda: False,
     output_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    split: Split | None = None,
 ) -> AdaptResult:
-    """Adapt `loaded.model` (a LoRA-wrapped model) to `items` without labels."""
+    """Adapt `loaded.model` (a LoRA-wrapped model) to `items` without labels.
+
+    The items are split (`ttrv.watch`) into the images adapted on and a watch pool the guard
+    checks but never trains on; every item is answered before and after. `split`: a
+    caller's own split of the items' ids (the benchmark hands its pool this way).
+    """
     if not items:
         raise ValueError("No images to adapt on: add at least one image.")
     out = Path(output_dir) if output_dir else None
@@ -291,6 +345,83 @@ def adapt(
     if not params:
         raise ValueError("The model has no trainable LoRA parameters: attach an adapter first.")
     optimizer = make_optimizer(params, cfg.optim.learning_rate, cfg.optim.weight_decay)
+    model.eval()
+    # An image the model's processor refuses is skipped by name, never sinks the run.
+    items, rejected = screen_items(policy, items, cfg.task)
+    for r in rejected:
+        sink("warning", {"message": f"skipped {r.message}", "image_id": r.image_id})
+    if not items:
+        raise ValueError("The model's processor refuses every image: nothing to adapt on.")
+    by_id = {it.image_id: it for it in items}
+
+    state: dict[str, Any]
+    if resume_from:
+        state = load_checkpoint(Path(resume_from), model, optimizer)
+        before = state["before"]
+        split = Split(state["adapt_ids"], state["watch_ids"], state.get("split_note", ""))
+        rollback_file = Path(resume_from) / ROLLBACK_FILE
+        # The rollback target travels with the checkpoint: a resumed run decides exactly as
+        # an uninterrupted one (not "roll back to the weights at resume time").
+        target_weights = (
+            load_file(rollback_file) if rollback_file.is_file() else unadapted_state(model)
+        )
+        target_step = int(state.get("target_step", 0))
+        votes = state.get("votes") or {}
+        missing = (set(split.adapt) | set(split.watch)) - by_id.keys()
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the run's images are not among the images given to "
+                "resume it: resume with the same images."
+            )
+    else:
+        if split is None:
+            split = split_images([it.image_id for it in items], cfg)
+        unknown = (set(split.adapt) | set(split.watch)) - by_id.keys()
+        if unknown or set(split.adapt) & set(split.watch) or not split.adapt:
+            raise ValueError("A split must name disjoint ids of the given images, some to adapt.")
+        sink(
+            "run_start",
+            {
+                "config": cfg.to_dict(),
+                "images": [{"image_id": it.image_id, "name": it.name} for it in items],
+                "model": dict(getattr(loaded, "info", {}) or {}),
+                "split": {
+                    "adapt": len(split.adapt),
+                    "watch": len(split.watch),
+                    "watch_ids": split.watch,
+                    "note": split.note,
+                },
+            },
+        )
+        before = greedy_answers(policy, items, cfg.task, cfg.rollout)
+        sink("answers", {"phase": "before", "answers": before})
+        votes: dict[str, str | None] = {}
+        if cfg.guard.forecast_images:
+            pool = [by_id[i] for i in (split.watch or split.adapt)]
+            sampled = seeded_sample(pool, cfg.guard.forecast_images, cfg.optim.seed, "forecast")
+            greedy = {b["image_id"]: b["answer"] for b in before}
+            fc, votes = sample_votes(policy, sampled, greedy, cfg)
+            sink(
+                "forecast",
+                {**fc.to_dict(), "set": "watch" if split.watch else "adapted", "votes": votes},
+            )
+        target_weights = adapter_state(model)  # a fresh LoRA: the unadapted model
+        target_step = 0
+        state = {
+            "step": 0,
+            "round": 0,
+            "position": 0,
+            "order": None,
+            "converged": [],
+            "before": before,
+            "adapt_ids": split.adapt,
+            "watch_ids": split.watch,
+            "split_note": split.note,
+            "votes": votes,
+            "target_step": 0,
+        }
+
+    adapt_items = [by_id[i] for i in split.adapt]
     total = steps_per_run(cfg, len(items))
     warmup = int(cfg.optim.warmup_ratio * total)
 
@@ -302,38 +433,19 @@ def adapt(
                 step, total, warmup, cfg.optim.schedule
             )
 
-    by_id = {it.image_id: it for it in items}
-    model.eval()
-
-    state: dict[str, Any]
-    if resume_from:
-        state = load_checkpoint(Path(resume_from), model, optimizer)
-        before = state["before"]
-    else:
-        sink(
-            "run_start",
-            {
-                "config": cfg.to_dict(),
-                "images": [{"image_id": it.image_id, "name": it.name} for it in items],
-                "model": dict(getattr(loaded, "info", {}) or {}),
-            },
-        )
-        before = greedy_answers(policy, items, cfg.task, cfg.rollout)
-        sink("answers", {"phase": "before", "answers": before})
-        state = {
-            "step": 0,
-            "round": 0,
-            "position": 0,
-            "order": None,
-            "converged": [],
-            "before": before,
-        }
-
-    base_signals = greedy_signals(cfg.task, items, before)
-    # Rollback target: the adapter as it stands at the start of this run (a fresh LoRA is a
-    # no-op), replaced by any later round whose signals are at least as healthy.
-    best_weights = adapter_state(model)
-    best_score = guard_mod.score(base_signals, base_signals)
+    # What the guard watches: the watch pool, and (a seeded sample of) the adapted images.
+    watched = {
+        "adapted": seeded_sample(
+            adapt_items, cfg.guard.max_watch_images, cfg.optim.seed, "guard-adapted"
+        ),
+        "watch": [by_id[i] for i in split.watch],
+    }
+    watched = {k: v for k, v in watched.items() if v}
+    before_by_id = {b["image_id"]: b for b in before}
+    base_signals = {
+        k: greedy_signals(cfg.task, its, [before_by_id[it.image_id] for it in its])
+        for k, its in watched.items()
+    }
     history: list[StepRecord] = []
     status, reason = "done", "all rounds finished"
     checkpoint: Path | None = Path(resume_from) if resume_from else None
@@ -342,17 +454,87 @@ def adapt(
         nonlocal checkpoint
         if out is None:
             return
-        checkpoint = save_checkpoint(out / "checkpoints" / tag, model, optimizer, state)
+        state["target_step"] = target_step
+        checkpoint = save_checkpoint(
+            out / "checkpoints" / tag, model, optimizer, state, {ROLLBACK_FILE: target_weights}
+        )
         sink(
             "checkpoint", {"round": state["round"], "step": state["step"], "path": str(checkpoint)}
         )
+
+    def guard_check(phase: str) -> bool:
+        """Answer the watched images, decide; True when the run must stop (rolled back)."""
+        nonlocal target_weights, target_step, status, reason
+        check_items = [it for its in watched.values() for it in its]
+        answers = greedy_answers(policy, check_items, cfg.task, cfg.rollout)
+        if phase.startswith("round-"):  # mid-round checks keep only their signals
+            sink("answers", {"phase": phase, "answers": answers})
+        if not cfg.guard.guard:
+            return False
+        by_image = {a["image_id"]: a for a in answers}
+        now = {
+            k: greedy_signals(
+                cfg.task,
+                its,
+                [by_image[it.image_id] for it in its],
+                before,
+                votes,
+            )
+            for k, its in watched.items()
+        }
+        d = guard_mod.decide(base_signals, now, cfg.guard)
+        step = state["step"]
+        record = {
+            "step": step,
+            "phase": phase,
+            "tripped": d.tripped,
+            "healthy": d.healthy,
+            "near": d.near,
+            "signals": {k: v.to_dict() for k, v in now.items()},
+            "base_signals": {k: v.to_dict() for k, v in base_signals.items()},
+        }
+        if d.tripped:
+            load_adapter_state(model, target_weights)
+            label = guard_mod.target_label(target_step)
+            status, reason = "guard_stopped", f"{d.reason}. Rolled back to {label}."
+            sink(
+                "guard",
+                {
+                    **record,
+                    "action": "rollback",
+                    "reason": reason,
+                    "rolled_back_to": label,
+                    "target_step": target_step,
+                    "checkpoint": str(checkpoint) if checkpoint else None,
+                },
+            )
+            return True
+        if d.healthy:
+            target_weights, target_step = adapter_state(model), step
+        sink(
+            "guard",
+            {
+                **record,
+                "action": "keep",
+                "reason": (
+                    "clearly healthy: these weights are the rollback target"
+                    if d.healthy
+                    else f"within bounds but near them ({d.near}); the rollback target "
+                    f"stays {guard_mod.target_label(target_step)}"
+                ),
+                "rolled_back_to": None,
+                "target_step": target_step,
+                "checkpoint": None,
+            },
+        )
+        return False
 
     while state["round"] < cfg.optim.rounds and status == "done":
         rnd = state["round"]
         converged = set(state["converged"]) if cfg.optim.skip_converged else set()
         if state["order"] is None:
-            active = {it.image_id for it in items} - converged
-            state["order"] = round_order(items, active, cfg.optim.seed, rnd)
+            active = set(split.adapt) - converged
+            state["order"] = round_order(adapt_items, active, cfg.optim.seed, rnd)
             state["position"] = 0
         order = state["order"]
         if not order:
@@ -376,38 +558,29 @@ def adapt(
             state["converged"] = sorted(
                 set(state["converged"]) | {g.item.image_id for g in groups if is_converged(g)}
             )
-        if status != "done":
+            end_of_round = state["position"] >= len(order)
+            if (
+                not end_of_round
+                and check_due(state["step"], cfg)
+                and guard_check(f"step-{state['step']}")
+            ):
+                break
+        if status == "stopped":
             save(f"step-{state['step']}")
+            break
+        if status == "guard_stopped":
+            save(f"step-{state['step']}-rolled-back")
             break
         state["round"] += 1
         state["order"] = None
-        answers = greedy_answers(policy, items, cfg.task, cfg.rollout)
-        sink("answers", {"phase": f"round-{rnd + 1}", "answers": answers})
-        now = greedy_signals(cfg.task, items, answers, before)
-        if cfg.guard.guard:
-            verdict = guard_mod.check(base_signals, now, cfg.guard)
-            if verdict.tripped:
-                load_adapter_state(model, best_weights)
-                status, reason = "guard_stopped", verdict.reason
-                sink(
-                    "guard",
-                    {
-                        "step": state["step"],
-                        "action": "rollback",
-                        "reason": verdict.reason,
-                        "signals": now.to_dict(),
-                        "base_signals": base_signals.to_dict(),
-                        "checkpoint": str(checkpoint) if checkpoint else None,
-                    },
-                )
-                save(f"round-{rnd + 1}-rolled-back")
-                break
-            s = guard_mod.score(base_signals, now)
-            if s >= best_score:
-                best_score, best_weights = s, adapter_state(model)
+        if guard_check(f"round-{rnd + 1}"):
+            save(f"round-{rnd + 1}-rolled-back")
+            break
         save(f"round-{rnd + 1}")
 
     after = greedy_answers(policy, items, cfg.task, cfg.rollout)
     sink("answers", {"phase": "after", "answers": after})
     sink("run_end", {"status": status, "steps": state["step"], "reason": reason})
-    return AdaptResult(status, state["step"], reason, before, after, checkpoint, history)
+    return AdaptResult(
+        status, state["step"], reason, before, after, checkpoint, history, split, target_step
+    )

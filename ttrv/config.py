@@ -256,6 +256,14 @@ class OptimConfig:
             minimum=1,
         ),
     )
+    adapt_images: int = field(
+        default=0,
+        metadata=_help(
+            "How many of the session's images to adapt on (a seeded sample); 0 = all but the "
+            "guard's watch pool. Every image still gets answers before and after.",
+            minimum=0,
+        ),
+    )
     seed: int = field(default=0, metadata=_help("Seed for sampling, shuffling and LoRA init."))
 
     def __post_init__(self) -> None:
@@ -269,6 +277,7 @@ class OptimConfig:
         _check(self.images_per_step >= 1, "images_per_step must be >= 1.")
         _check(self.rounds >= 1, "rounds must be >= 1.")
         _check(self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1.")
+        _check(self.adapt_images >= 0, "adapt_images must be >= 0 (0 = all but the watch pool).")
 
 
 @dataclass
@@ -303,8 +312,81 @@ class GuardConfig:
         ),
     )
 
+    max_unexplained_flips: float = field(
+        default=0.10,
+        metadata=_help(
+            "Stop when more than this share of the sampled watch images now answer "
+            "something that neither their greedy answer nor their vote before adaptation "
+            "favoured (1 = never).",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+    watch_share: float = field(
+        default=0.2,
+        metadata=_help(
+            "Share of the session's images held out as a watch pool: never trained on, the "
+            "guard checks them for harm (0 = no pool).",
+            minimum=0,
+            maximum=0.9,
+        ),
+    )
+    max_watch_images: int = field(
+        default=200, metadata=_help("Most images in the watch pool.", minimum=1)
+    )
+    min_watch_images: int = field(
+        default=10,
+        metadata=_help(
+            "Fewest images a watch pool needs to say anything; with fewer the guard watches "
+            "only the images it adapts on (and says so).",
+            minimum=1,
+        ),
+    )
+    check_every: int = field(
+        default=10,
+        metadata=_help(
+            "Guard check every this many steps, besides each round's end (0 = round ends "
+            "only).",
+            minimum=0,
+        ),
+    )
+    healthy_margin: float = field(
+        default=0.5,
+        metadata=_help(
+            "A checkpoint becomes a rollback target only when every signal is within this "
+            "share of its bound; otherwise a trip rolls back further, to the unadapted model.",
+            minimum=0.05,
+            maximum=1,
+        ),
+    )
+    forecast_images: int = field(
+        default=32,
+        metadata=_help(
+            "Images sampled N times before adapting, for the forecast and the unexplained-"
+            "flips signal (0 = no forecast).",
+            minimum=0,
+        ),
+    )
+
     def __post_init__(self) -> None:
         _check(0 <= self.max_marginal_entropy_drop <= 1, "max_marginal_entropy_drop in [0, 1].")
+        _check(
+            0 <= self.max_unexplained_flips <= 1,
+            f"max_unexplained_flips must be in [0, 1] (got {self.max_unexplained_flips}).",
+        )
+        _check(
+            0 <= self.watch_share <= 0.9,
+            f"watch_share must be in [0, 0.9] (got {self.watch_share}): at least a tenth of "
+            "the images must be left to adapt on.",
+        )
+        _check(self.max_watch_images >= 1, "max_watch_images must be >= 1.")
+        _check(self.min_watch_images >= 1, "min_watch_images must be >= 1.")
+        _check(self.check_every >= 0, "check_every must be >= 0 (0 = only at round ends).")
+        _check(
+            0.05 <= self.healthy_margin <= 1,
+            f"healthy_margin must be in [0.05, 1] (got {self.healthy_margin}).",
+        )
+        _check(self.forecast_images >= 0, "forecast_images must be >= 0 (0 = no forecast).")
         _check(self.max_invalid_rise >= 0, "max_invalid_rise must be >= 0.")
         _check(self.max_kl > 0, "max_kl must be > 0.")
         _check(

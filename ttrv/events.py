@@ -4,14 +4,20 @@ The engine calls `sink(kind, data)` with a JSON-able dict; it never knows who li
 The CLI writes JSON lines (`JsonlSink`), the worker writes SQLite (`sessions.store`).
 
 Kinds and their data (all keys always present):
-- "run_start":  {"config": AdaptConfig.to_dict(), "images": [{"image_id", "name"}], "model": info}
+- "run_start":  {"config": AdaptConfig.to_dict(), "images": [{"image_id", "name"}], "model": info,
+                 "split": {"adapt": int, "watch": int, "watch_ids": [str], "note": str}}
 - "answers":    {"phase": "before" | "after" | "round-<k>",
                  "answers": [{"image_id", "response", "answer"}]}
 - "step":       StepRecord fields
 - "rollouts":   {"step": int, "rollouts": [RolloutRecord fields]}
 - "checkpoint": {"round": int, "step": int, "path": str}
-- "guard":      {"step": int, "action": "warn" | "stop" | "rollback", "reason": str,
-                 "signals": {...}, "checkpoint": str | None}
+- "forecast":   `ttrv.forecast.Forecast` fields + "set" ("watch" | "adapted") + "votes"
+                 ({image_id: top sampled answer or None}), before step 0
+- "guard":      one per guard check: {"step": int, "phase": "round-<k>" | "step-<n>",
+                 "action": "keep" | "rollback", "reason": str, "tripped": bool,
+                 "healthy": bool, "near": str, "signals": {set: Signals},
+                 "base_signals": {set: Signals}, "rolled_back_to": str | None,
+                 "target_step": int, "checkpoint": str | None}
 - "run_end":    {"status": "done" | "stopped" | "guard_stopped", "steps": int, "reason": str}
 """
 

@@ -14,15 +14,27 @@ that need none, compared with the model before adaptation:
   setting's gains moved few);
 - the KL to the base model growing past a bound (when it is measured).
 
-Every function here is pure; the adaptation loop calls `check` after each round and
-decides to roll back to the best checkpoint and stop when it trips.
+- answers moving to something the unadapted model did not favour ("unexplained flips"):
+  TTRV pushes greedy answers towards the model's own vote, so a flip to the vote is what
+  it is meant to do; a flip to an answer that was neither the greedy answer nor the vote
+  before adaptation is drift that nothing in the reward explains.
+
+The signals are taken on two sets of images (`SETS`): the images adapted on and a watch
+pool of the session's images that are never trained on (`ttrv.watch`). `decide` is the
+one decision both the adaptation loop and the benchmark's replay call, every
+`check_every` steps and at each round's end: trip (roll back and stop), or go on; and
+whether the weights at this check are *clearly* healthy (every signal within
+`healthy_margin` of its bound), which makes them the new rollback target. With no clearly
+healthy check since the start, a trip rolls back to the unadapted model.
+
+Every function here is pure.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from .answers import INVALID
@@ -50,6 +62,9 @@ class Signals:
     # Share of images whose valid answer before adaptation is now another valid answer
     # (`changed_share`); None for the signals before adaptation.
     changed_answers: float | None = None
+    # Share of the images with a recorded vote before adaptation whose valid answer now is
+    # neither their greedy answer nor their vote before (`unexplained_share`).
+    unexplained_flips: float | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -71,15 +86,37 @@ def changed_share(before: Sequence[str], now: Sequence[str]) -> float:
     return moved / len(valid) if valid else 0.0
 
 
+def unexplained_share(
+    before: Sequence[str], votes: Sequence[str | None], now: Sequence[str]
+) -> float | None:
+    """Share of the images with a vote (not None) whose answer now is valid and is neither
+    their greedy answer before nor their vote before; None when no image has a vote.
+
+    >>> unexplained_share(["1", "2", "3"], ["1", "4", None], ["1", "4", "5"])
+    0.0
+    >>> unexplained_share(["1", "2"], ["1", "2"], ["7", "2"])
+    0.5
+    """
+    if not len(before) == len(votes) == len(now):
+        raise ValueError("before, votes and now must have one entry per image.")
+    voted = [i for i, v in enumerate(votes) if v is not None]
+    if not voted:
+        return None
+    odd = sum(now[i] != INVALID and now[i] not in (before[i], votes[i]) for i in voted)
+    return odd / len(voted)
+
+
 def signals(
     answers: Sequence[str],
     kl: float | None = None,
     positions: Sequence[int] | None = None,
     before: Sequence[str] | None = None,
+    votes: Sequence[str | None] | None = None,
 ) -> Signals:
     """Signals of one set of greedy answers (one per image); `positions` are the chosen
     option indices of a multiple-choice task (invalid answers left out); `before` are the
-    same images' greedy answers before adaptation (for `changed_answers`)."""
+    same images' greedy answers before adaptation (for `changed_answers`); `votes` their
+    top sampled answer before adaptation, None where not sampled (`unexplained_flips`)."""
     n = max(1, len(answers))
     valid = {a for a in answers if a != INVALID}
     return Signals(
@@ -89,7 +126,17 @@ def signals(
         kl=kl,
         position_entropy=marginal_entropy([str(p) for p in positions]) if positions else None,
         changed_answers=changed_share(before, answers) if before is not None else None,
+        unexplained_flips=(
+            unexplained_share(before, votes, answers)
+            if before is not None and votes is not None
+            else None
+        ),
     )
+
+
+def pct(x: float) -> str:
+    """A share as a percentage, one decimal only where it is not whole (7.5%, 15%)."""
+    return f"{x:.1%}".replace(".0%", "%")
 
 
 @dataclass
@@ -98,19 +145,21 @@ class Verdict:
     reason: str
 
 
-def check(base: Signals, now: Signals, cfg: GuardConfig) -> Verdict:
-    """Has adaptation moved the unsupervised signals past the configured bounds?"""
+def check(base: Signals, now: Signals, cfg: GuardConfig, scale: float = 1.0) -> Verdict:
+    """Has adaptation moved the unsupervised signals past the configured bounds (each
+    multiplied by `scale`: `scale < 1` asks whether a checkpoint is *clearly* healthy)?"""
     reasons = []
+    entropy_bound = cfg.max_marginal_entropy_drop * scale
     if base.marginal_entropy > 0:
         drop = 1 - now.marginal_entropy / base.marginal_entropy
-        if drop > cfg.max_marginal_entropy_drop:
+        if drop > entropy_bound:
             reasons.append(
                 f"answer diversity across images fell by {drop:.0%} "
                 f"(entropy {base.marginal_entropy:.2f} -> {now.marginal_entropy:.2f} nats)"
             )
     if base.position_entropy and now.position_entropy is not None:
         drop = 1 - now.position_entropy / base.position_entropy
-        if drop > cfg.max_marginal_entropy_drop:
+        if drop > entropy_bound:
             reasons.append(
                 f"the spread of chosen option letters fell by {drop:.0%}: a letter-position "
                 "bias is being reinforced"
@@ -118,18 +167,90 @@ def check(base: Signals, now: Signals, cfg: GuardConfig) -> Verdict:
     if now.distinct <= 1 < base.distinct:
         reasons.append("the model collapsed onto a single answer for every image")
     rise = now.invalid_rate - base.invalid_rate
-    if rise > cfg.max_invalid_rise:
+    if rise > cfg.max_invalid_rise * scale:
         reasons.append(
             f"invalid answers rose from {base.invalid_rate:.0%} to {now.invalid_rate:.0%}"
         )
-    if now.kl is not None and now.kl > cfg.max_kl:
-        reasons.append(f"KL to the base model reached {now.kl:.3f} (> {cfg.max_kl})")
-    if now.changed_answers is not None and now.changed_answers > cfg.max_changed_answers:
+    if now.kl is not None and now.kl > cfg.max_kl * scale:
+        reasons.append(f"KL to the base model reached {now.kl:.3f} (> {cfg.max_kl * scale:.3g})")
+    changed_bound = cfg.max_changed_answers * scale
+    if now.changed_answers is not None and now.changed_answers > changed_bound:
         reasons.append(
-            f"{now.changed_answers:.0%} of the images with a valid answer before adaptation "
-            f"now give a different answer (> {cfg.max_changed_answers:.0%})"
+            f"{pct(now.changed_answers)} of the images with a valid answer before adaptation "
+            f"now give a different answer (> {pct(changed_bound)})"
+        )
+    unexplained_bound = cfg.max_unexplained_flips * scale
+    if now.unexplained_flips is not None and now.unexplained_flips > unexplained_bound:
+        reasons.append(
+            f"{pct(now.unexplained_flips)} of the sampled images now give an answer that "
+            f"neither their greedy answer nor their vote before adaptation favoured "
+            f"(> {pct(unexplained_bound)})"
         )
     return Verdict(bool(reasons), "; ".join(reasons))
+
+
+# -- the decision at a guard check --------------------------------------------------------
+
+SETS = {"adapted": "images adapted on", "watch": "watch pool"}
+UNADAPTED = "the unadapted model"
+
+
+@dataclass
+class Decision:
+    tripped: bool  # roll back to the target and stop
+    healthy: bool  # clearly healthy: these weights become the rollback target
+    reason: str  # why it tripped ("" when it did not)
+    near: str  # when not clearly healthy: which signals are past the margin
+
+
+def decide(base: Mapping[str, Signals], now: Mapping[str, Signals], cfg: GuardConfig) -> Decision:
+    """The guard's decision at one check, over every watched set of images (`SETS`)."""
+    tripped, near = [], []
+    for name in SETS:
+        if name not in base or name not in now:
+            continue
+        label = SETS[name]
+        verdict = check(base[name], now[name], cfg)
+        if verdict.tripped:
+            tripped.append(f"{label}: {verdict.reason}")
+        close = check(base[name], now[name], cfg, scale=cfg.healthy_margin)
+        if close.tripped:
+            near.append(f"{label}: {close.reason}")
+    return Decision(bool(tripped), not near, "; ".join(tripped), "; ".join(near))
+
+
+def target_label(step: int) -> str:
+    return UNADAPTED if step == 0 else f"the weights after step {step}"
+
+
+def replay(
+    base: Mapping[str, Signals],
+    checks: Sequence[tuple[int, Mapping[str, Signals]]],
+    cfg: GuardConfig,
+) -> dict[str, object]:
+    """Where a guarded run ends, given the signals at each of its checks `(step, signals)`
+    in order: the loop in `ttrv.adapt.adapt` makes exactly these decisions."""
+    target = 0
+    for step, now in checks:
+        d = decide(base, now, cfg)
+        if d.tripped:
+            return {
+                "step": target,
+                "status": "guard_stopped",
+                "reason": d.reason,
+                "tripped_at": step,
+                "rolled_back_to": target_label(target),
+            }
+        if d.healthy:
+            target = step
+    last = checks[-1][0] if checks else 0
+    return {
+        "step": last,
+        "status": "done",
+        "reason": "",
+        "tripped_at": None,
+        "rolled_back_to": None,
+    }
 
 
 def score(base: Signals, now: Signals) -> float:

@@ -1,0 +1,100 @@
+"""A forecast before adapting: is test-time RL likely to help this model on these images?
+
+TTRV can only move a model towards what it already says when sampled. Two label-free
+readings of the unadapted model tell most of the story (docs/benchmark.md):
+
+- format failure: greedy output invalid on many images while sampled answers are mostly
+  valid. Adaptation teaches the format the samples already hold, and that is where the
+  large gains are (+40 to +53 points on the off-format digits model);
+- agreement: when the greedy answer already is the vote on nearly every image, there is
+  little to gain and sharpening the model's preferences risks reinforcing its biases (the
+  uncertain base model ends within a few points of its baseline, either side).
+
+Pure functions: the caller samples; this module only counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .answers import INVALID
+
+# Thresholds on the unadapted model's own outputs (no labels). A format failure needs a
+# clear majority of invalid greedy answers and samples that are mostly valid.
+FORMAT_GREEDY_INVALID = 0.5
+FORMAT_SAMPLED_VALID_GAIN = 0.2
+AGREEMENT_HIGH = 0.9
+
+
+@dataclass
+class Forecast:
+    outlook: str  # "likely_help" | "little_gain" | "uncertain"
+    message: str  # one line for the Adapt tab and the CLI
+    images: int
+    greedy_invalid: float  # share of images whose greedy answer is invalid
+    sampled_invalid: float  # share of all samples that are invalid
+    greedy_is_vote: float  # share of images (valid vote) whose greedy answer is the vote
+    consensus: float  # mean share of samples agreeing with the image's top valid answer
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def vote(samples: Sequence[str]) -> str | None:
+    """The most frequent valid answer (ties: the first seen), None when all are invalid."""
+    counts = Counter(a for a in samples if a != INVALID)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(a for a in samples if counts.get(a) == top)
+
+
+def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecast:
+    """The forecast from each image's greedy answer and its N sampled answers."""
+    if len(greedy) != len(samples):
+        raise ValueError(f"{len(greedy)} greedy answers but {len(samples)} sample lists.")
+    n = len(greedy)
+    if n == 0:
+        return Forecast("uncertain", "No images were sampled: no forecast.", 0, 0, 0, 0, 0)
+    greedy_invalid = sum(g == INVALID for g in greedy) / n
+    flat = [a for s in samples for a in s]
+    sampled_invalid = sum(a == INVALID for a in flat) / max(1, len(flat))
+    votes = [vote(s) for s in samples]
+    voted = [i for i, v in enumerate(votes) if v is not None]
+    agree = sum(greedy[i] == votes[i] for i in voted) / len(voted) if voted else 0.0
+    consensus = (
+        sum(
+            (sum(a == votes[i] for a in samples[i]) / len(samples[i])) if votes[i] else 0.0
+            for i in range(n)
+        )
+        / n
+    )
+    stats = (n, greedy_invalid, sampled_invalid, agree, consensus)
+    if (
+        greedy_invalid >= FORMAT_GREEDY_INVALID
+        and (1 - sampled_invalid) - (1 - greedy_invalid) >= FORMAT_SAMPLED_VALID_GAIN
+    ):
+        return Forecast(
+            "likely_help",
+            f"Likely to help: greedy output is invalid on {greedy_invalid:.0%} of {n} images "
+            f"while {1 - sampled_invalid:.0%} of sampled answers are valid; adaptation "
+            "teaches the format the samples already hold.",
+            *stats,
+        )
+    if agree >= AGREEMENT_HIGH:
+        return Forecast(
+            "little_gain",
+            f"Little to gain: the greedy answer already is the vote on {agree:.0%} of {n} "
+            f"images (mean consensus {consensus:.0%}); adapting mostly sharpens what the "
+            "model prefers, errors and biases included. Review the flips before keeping it.",
+            *stats,
+        )
+    return Forecast(
+        "uncertain",
+        f"Uncertain: the greedy answer differs from the vote on {1 - agree:.0%} of {n} images "
+        f"(mean consensus {consensus:.0%}); adaptation moves those answers towards the vote, "
+        "which helps only where the vote is right more often than greedy. Review the flips.",
+        *stats,
+    )
