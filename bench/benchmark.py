@@ -406,12 +406,92 @@ class Worker:
             watch=pool, votes=recorder.votes,
         )  # fmt: skip
         record["guarded"] = {**rep, "metrics": at_round(rep["round"], True)}
+        record["review"] = play_reviews(base_eval, evals[rep["round"]], items, cfg.task, job.seed)
         if job.trajectory:
             record["trajectory"] = {str(r): at_round(r, False) for r in range(n_rounds + 1)}
         load_adapter_state(model, final_weights)
         record["seconds_eval"] = time.perf_counter() - t2
         record["seconds"] = time.perf_counter() - t0
         return record
+
+
+REVIEW_SIZES = (10, 20)
+
+
+def play_reviews(base: Any, end: Any, items: list[Any], task: Any, seed: int) -> dict[str, Any]:
+    """The flip review played on a (guarded) run, as `python -m ttrv adapt --review N` plays
+    it: every image of the split is answered before and after; a reviewer who knows the
+    labels marks the first N flips in the seeded review order; the verdict keeps the run or
+    reverts it to the unadapted model. Returns, per N, the recommendation and the greedy
+    accuracy change over all images with and without the review applied."""
+    from ttrv.answers import canonical_label
+    from ttrv.review import flips, mark_from_label, review_order, verdict
+
+    labels = [canonical_label(it.label, task) for it in items]
+    ids = [str(i) for i in range(len(items))]
+    before, after = (
+        dict(zip(ids, base.greedy, strict=True)),
+        dict(zip(ids, end.greedy, strict=True)),
+    )
+    flipped = flips(before, after)
+    order = review_order(flipped, seed)
+    delta = sum((after[i] == labels[int(i)]) - (before[i] == labels[int(i)]) for i in ids) / len(
+        ids
+    )
+    out: dict[str, Any] = {"flips": len(flipped), "delta": delta}
+    for n in REVIEW_SIZES:
+        marks = {i: mark_from_label(labels[int(i)], before[i], after[i]) for i in order[:n]}
+        v = verdict(marks, len(flipped), len(ids))
+        out[str(n)] = {
+            "recommendation": v.recommendation,
+            "estimate": v.estimate,
+            "reviewed": v.reviewed,
+            "delta": 0.0 if v.recommendation == "revert" else delta,
+        }
+    return out
+
+
+def review_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The flip-review table: each variant's engine-guard outcome, then with a review of
+    N flips applied (keep or revert), per model."""
+    runs = [r for r in records if "review" in r]
+    if not runs:
+        return []
+    lines = [
+        "### Flip review (played with the labels, after the engine guard)",
+        "",
+        "Greedy Δ over all test images (points, mean ± std over runs); *> 1 down*: runs ending "
+        "more than 1 point below their baseline; *gains kept*: of the runs whose guarded "
+        "Δ was at least +1, the share the review kept.",
+        "",
+        "| model | setting | variant | runs | flips | guard only | > 1 down | "
+        + " | ".join(f"review {n}: Δ | > 1 down | reverted | gains kept" for n in REVIEW_SIZES)
+        + " |",
+        "|" + "---|" * (7 + 4 * len(REVIEW_SIZES)),
+    ]
+    keys = sorted({(r["model"], r["setting"], r["variant"]) for r in runs})
+    for model, setting, variant in keys:
+        rs = [
+            r for r in runs if (r["model"], r["setting"], r["variant"]) == (model, setting, variant)
+        ]
+        guard = [100 * r["review"]["delta"] for r in rs]
+        cells = [
+            model, setting, variant, str(len(rs)),
+            f"{statistics.fmean(r['review']['flips'] for r in rs):.0f}",
+            pts(mean_std(g / 100 for g in guard)), str(sum(g < -1 for g in guard)),
+        ]  # fmt: skip
+        for n in REVIEW_SIZES:
+            rev = [100 * r["review"][str(n)]["delta"] for r in rs]
+            gains = [r for r in rs if 100 * r["review"]["delta"] >= 1]
+            kept = sum(r["review"][str(n)]["recommendation"] != "revert" for r in gains)
+            cells += [
+                pts(mean_std(v / 100 for v in rev)),
+                str(sum(v < -1 for v in rev)),
+                str(sum(r["review"][str(n)]["recommendation"] == "revert" for r in rs)),
+                f"{kept}/{len(gains)}" if gains else "-",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -430,7 +510,7 @@ class RoundRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
         self.forecast: dict[str, Any] = {}
-        self.votes: dict[str, str | None] = {}
+        self.votes: dict[str, list[str]] = {}
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         from ttrv.lora import adapter_state
@@ -517,13 +597,13 @@ def replay_guard(
     rounds: list[dict[str, Any]],
     guard: dict[str, Any],
     watch: list[Any] | None = None,
-    votes: dict[str, str | None] | None = None,
+    votes: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
     images (`items`) and the watch pool (`watch`), as `adapt` computes them, before and at
     each round's end. `before` and each round's "answers" are the sink's dicts (any images,
     matched by id) or, in older stored runs, plain strings in the order of `items`; `votes`
-    are the forecast's votes (image id -> answer) for the unexplained-flips signal."""
+    are the forecast's favoured answers (image id -> answers), for unexplained flips."""
     from ttrv.adapt import greedy_signals
 
     def by_id(xs: list[Any]) -> dict[str, dict[str, str]]:
@@ -967,6 +1047,7 @@ def markdown(records: list[dict[str, Any]], table: dict[str, Any], command: str)
         lines.append("")
         if setting == "main":
             lines += paired_table(records, model, setting, images)
+    lines += review_lines(records)
     return "\n".join(lines)
 
 
@@ -1029,6 +1110,7 @@ def stress_markdown(records: list[dict[str, Any]], table: dict[str, Any], comman
                 f"{gd['trips']}/{n} | {ug['collapsed']}/{n} | {gd['caught']} | "
                 f"{gd['collapsed']} |"
             )
+    lines += ["", *review_lines(records)]
     return "\n".join(lines)
 
 

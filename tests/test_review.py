@@ -6,7 +6,7 @@ import pytest
 
 from ttrv.answers import INVALID
 from ttrv.config import AdaptConfig, ConfigError, GuardConfig, OptimConfig
-from ttrv.forecast import forecast, vote
+from ttrv.forecast import favoured, forecast, vote
 from ttrv.guard import decide, replay, signals, unexplained_share
 from ttrv.review import flips, mark_from_label, review_order, verdict
 from ttrv.watch import split_images, split_sizes
@@ -52,14 +52,20 @@ def test_invalid_watch_settings_are_refused():
 # -- guard decisions ----------------------------------------------------------------------
 
 
-def test_unexplained_flips_count_only_moves_away_from_greedy_and_vote():
-    before = ["1", "2", "3", "4"]
-    votes = ["1", "5", "3", None]
-    now = ["1", "5", "7", "9"]  # image 2 moved to its vote (explained), image 3 did not
-    assert unexplained_share(before, votes, now) == pytest.approx(1 / 3)
-    assert unexplained_share(before, [None] * 4, now) is None
-    now_invalid = ["1", "2", INVALID, "4"]  # invalid output is the invalid rate's business
-    assert unexplained_share(before, votes, now_invalid) == 0.0
+def test_unexplained_flips_count_only_valid_moves_to_unfavoured_answers():
+    before = ["1", "2", "3", "4", INVALID]
+    favoured = [["1"], ["2", "5"], ["3"], None, ["6"]]
+    now = ["1", "5", "7", "9", "8"]  # image 1 moved to a favoured answer, image 2 did not;
+    # image 3 was not sampled; image 4 learnt the format (invalid -> valid): not counted
+    assert unexplained_share(before, favoured, now) == pytest.approx(1 / 3)
+    assert unexplained_share(before, [None] * 5, now) is None
+    now_invalid = ["1", "2", INVALID, "4", INVALID]  # invalid output: the invalid rate's
+    assert unexplained_share(before, favoured, now_invalid) == 0.0
+
+
+def test_favoured_answers_are_within_half_of_the_top_count():
+    assert favoured(["a"] * 4 + ["b"] * 2 + ["c"] + [INVALID] * 5) == ["a", "b"]
+    assert favoured([INVALID, INVALID]) == []
 
 
 def test_decide_names_the_set_and_separates_healthy_from_near():

@@ -88,6 +88,7 @@ def test_no_clearly_healthy_check_rolls_back_to_the_unadapted_model(
     cfg = small_config(folder, rounds=3)
     cfg.guard.max_changed_answers = 0.3
     cfg.guard.max_marginal_entropy_drop = 0.5
+    cfg.guard.forecast_images = 0  # no unexplained-flips signal: scripted answers only
     loaded = loaded_model(folder, cfg)
     start = adapter_state(loaded.model)
 

@@ -24,7 +24,7 @@ from . import guard as guard_mod
 from .answers import INVALID, canonical_label
 from .config import AdaptConfig
 from .events import RolloutRecord, Sink, StepRecord, null_sink
-from .forecast import Forecast, vote
+from .forecast import Forecast, favoured
 from .forecast import forecast as make_forecast
 from .grpo import UpdateStats, grpo_update, lr_factor, make_optimizer, select_trained
 from .lora import ADAPTER_FILE, adapter_state, load_adapter_state, save_adapter
@@ -97,12 +97,12 @@ def greedy_signals(
     items: list[Item],
     answers: list[dict[str, str]],
     before: list[dict[str, str]] | None = None,
-    votes: dict[str, str | None] | None = None,
+    votes: dict[str, list[str]] | None = None,
 ) -> Any:
     """Guard signals of one set of greedy answers (option positions for multiple choice);
     `before`: the same images' greedy answers before adaptation (for the changed share);
-    `votes`: image id -> top sampled answer before adaptation, where sampled (for the
-    unexplained flips)."""
+    `votes`: image id -> the answers its samples favoured before adaptation, for the
+    sampled images (for the unexplained flips)."""
     positions = None
     if task.kind == "multiple_choice":
         positions = []
@@ -117,7 +117,7 @@ def greedy_signals(
         if votes is not None:
             vote_list = [votes.get(a["image_id"]) for a in answers]
     return guard_mod.signals(
-        [a["answer"] for a in answers], positions=positions, before=previous, votes=vote_list
+        [a["answer"] for a in answers], positions=positions, before=previous, favoured=vote_list
     )
 
 
@@ -299,15 +299,15 @@ def unadapted_state(model: Any) -> dict[str, torch.Tensor]:
 
 def sample_votes(
     policy: Policy, items: list[Item], greedy: dict[str, str], cfg: AdaptConfig
-) -> tuple[Forecast, dict[str, str | None]]:
+) -> tuple[Forecast, dict[str, list[str]]]:
     """The forecast on `items` (N samples each from the unadapted model; `greedy`: image id
-    -> greedy answer) and each image's vote."""
+    -> greedy answer) and the answers each image's samples favoured."""
     seed = cfg.optim.seed
     torch.manual_seed(seed * 1_000_003 - 1)  # its own stream: training steps are unchanged
     orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, -1) for it in items]
     groups = rollout_groups(policy, items, cfg.task, cfg.rollout, orders)
     fc = make_forecast([greedy[it.image_id] for it in items], [g.answers for g in groups])
-    return fc, {g.item.image_id: vote(g.answers) for g in groups}
+    return fc, {g.item.image_id: favoured(g.answers) for g in groups}
 
 
 def adapt(
@@ -395,7 +395,7 @@ def adapt(
         )
         before = greedy_answers(policy, items, cfg.task, cfg.rollout)
         sink("answers", {"phase": "before", "answers": before})
-        votes: dict[str, str | None] = {}
+        votes: dict[str, list[str]] = {}
         if cfg.guard.forecast_images:
             pool = [by_id[i] for i in (split.watch or split.adapt)]
             sampled = seeded_sample(pool, cfg.guard.forecast_images, cfg.optim.seed, "forecast")

@@ -12,7 +12,7 @@ Kinds and their data (all keys always present):
 - "rollouts":   {"step": int, "rollouts": [RolloutRecord fields]}
 - "checkpoint": {"round": int, "step": int, "path": str}
 - "forecast":   `ttrv.forecast.Forecast` fields + "set" ("watch" | "adapted") + "votes"
-                 ({image_id: top sampled answer or None}), before step 0
+                 ({image_id: the answers its samples favoured}), before step 0
 - "guard":      one per guard check: {"step": int, "phase": "round-<k>" | "step-<n>",
                  "action": "keep" | "rollback", "reason": str, "tripped": bool,
                  "healthy": bool, "near": str, "signals": {set: Signals},

@@ -51,6 +51,16 @@ def vote(samples: Sequence[str]) -> str | None:
     return next(a for a in samples if counts.get(a) == top)
 
 
+def favoured(samples: Sequence[str], ratio: float = 0.5) -> list[str]:
+    """The valid answers that drew at least `ratio` of the top valid answer's votes (the
+    answers adaptation may legitimately move a greedy answer to)."""
+    counts = Counter(a for a in samples if a != INVALID)
+    if not counts:
+        return []
+    top = max(counts.values())
+    return sorted(a for a, c in counts.items() if c >= ratio * top)
+
+
 def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecast:
     """The forecast from each image's greedy answer and its N sampled answers."""
     if len(greedy) != len(samples):

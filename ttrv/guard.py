@@ -15,9 +15,9 @@ that need none, compared with the model before adaptation:
 - the KL to the base model growing past a bound (when it is measured).
 
 - answers moving to something the unadapted model did not favour ("unexplained flips"):
-  TTRV pushes greedy answers towards the model's own vote, so a flip to the vote is what
-  it is meant to do; a flip to an answer that was neither the greedy answer nor the vote
-  before adaptation is drift that nothing in the reward explains.
+  TTRV pushes greedy answers towards what the model's own samples favour, so a flip to
+  such an answer is what it is meant to do; a valid answer flipping to one its samples
+  rarely gave before adaptation is drift that nothing in the reward explains.
 
 The signals are taken on two sets of images (`SETS`): the images adapted on and a watch
 pool of the session's images that are never trained on (`ttrv.watch`). `decide` is the
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from .answers import INVALID
@@ -62,8 +62,8 @@ class Signals:
     # Share of images whose valid answer before adaptation is now another valid answer
     # (`changed_share`); None for the signals before adaptation.
     changed_answers: float | None = None
-    # Share of the images with a recorded vote before adaptation whose valid answer now is
-    # neither their greedy answer nor their vote before (`unexplained_share`).
+    # Share of the sampled images whose valid answer moved to one the unadapted model's
+    # samples did not favour (`unexplained_share`).
     unexplained_flips: float | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
@@ -87,23 +87,27 @@ def changed_share(before: Sequence[str], now: Sequence[str]) -> float:
 
 
 def unexplained_share(
-    before: Sequence[str], votes: Sequence[str | None], now: Sequence[str]
+    before: Sequence[str], favoured: Sequence[Collection[str] | None], now: Sequence[str]
 ) -> float | None:
-    """Share of the images with a vote (not None) whose answer now is valid and is neither
-    their greedy answer before nor their vote before; None when no image has a vote.
+    """Share of the sampled images (`favoured` not None) with a valid answer before whose
+    answer now is another valid answer that the unadapted model's samples did not favour
+    (`favoured`: the answers that drew at least half the top answer's votes); None when no
+    such image. Invalid -> valid (learning the format) does not count.
 
-    >>> unexplained_share(["1", "2", "3"], ["1", "4", None], ["1", "4", "5"])
+    >>> unexplained_share(["1", "2", "3"], [["1"], ["2", "4"], None], ["1", "4", "5"])
     0.0
-    >>> unexplained_share(["1", "2"], ["1", "2"], ["7", "2"])
+    >>> unexplained_share(["1", "2"], [["1"], ["2"]], ["7", "2"])
     0.5
     """
-    if not len(before) == len(votes) == len(now):
-        raise ValueError("before, votes and now must have one entry per image.")
-    voted = [i for i, v in enumerate(votes) if v is not None]
-    if not voted:
+    if not len(before) == len(favoured) == len(now):
+        raise ValueError("before, favoured and now must have one entry per image.")
+    sampled = [i for i, f in enumerate(favoured) if f is not None and before[i] != INVALID]
+    if not sampled:
         return None
-    odd = sum(now[i] != INVALID and now[i] not in (before[i], votes[i]) for i in voted)
-    return odd / len(voted)
+    odd = sum(
+        now[i] != INVALID and now[i] != before[i] and now[i] not in favoured[i] for i in sampled
+    )
+    return odd / len(sampled)
 
 
 def signals(
@@ -111,12 +115,13 @@ def signals(
     kl: float | None = None,
     positions: Sequence[int] | None = None,
     before: Sequence[str] | None = None,
-    votes: Sequence[str | None] | None = None,
+    favoured: Sequence[Collection[str] | None] | None = None,
 ) -> Signals:
     """Signals of one set of greedy answers (one per image); `positions` are the chosen
     option indices of a multiple-choice task (invalid answers left out); `before` are the
-    same images' greedy answers before adaptation (for `changed_answers`); `votes` their
-    top sampled answer before adaptation, None where not sampled (`unexplained_flips`)."""
+    same images' greedy answers before adaptation (for `changed_answers`); `favoured` the
+    answers their samples favoured before adaptation, None where not sampled
+    (`unexplained_flips`)."""
     n = max(1, len(answers))
     valid = {a for a in answers if a != INVALID}
     return Signals(
@@ -127,8 +132,8 @@ def signals(
         position_entropy=marginal_entropy([str(p) for p in positions]) if positions else None,
         changed_answers=changed_share(before, answers) if before is not None else None,
         unexplained_flips=(
-            unexplained_share(before, votes, answers)
-            if before is not None and votes is not None
+            unexplained_share(before, favoured, answers)
+            if before is not None and favoured is not None
             else None
         ),
     )
@@ -182,9 +187,8 @@ def check(base: Signals, now: Signals, cfg: GuardConfig, scale: float = 1.0) -> 
     unexplained_bound = cfg.max_unexplained_flips * scale
     if now.unexplained_flips is not None and now.unexplained_flips > unexplained_bound:
         reasons.append(
-            f"{pct(now.unexplained_flips)} of the sampled images now give an answer that "
-            f"neither their greedy answer nor their vote before adaptation favoured "
-            f"(> {pct(unexplained_bound)})"
+            f"{pct(now.unexplained_flips)} of the sampled images now give an answer their "
+            f"samples did not favour before adaptation (> {pct(unexplained_bound)})"
         )
     return Verdict(bool(reasons), "; ".join(reasons))
 
