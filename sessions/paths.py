@@ -7,6 +7,10 @@
 
 Paths stored in the database are relative to the data directory (POSIX separators), so a
 data directory can be moved or synced as a whole.
+
+Only `images/` is ever served to the browser (`servable_dirs`): the database, its WAL and
+the adapters are not. Browsers pick a served file's content type from its extension, so
+images are stored under image extensions only (`IMAGE_FORMATS`), never as `.html` or `.svg`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,22 @@ THUMB_SUFFIX = ".thumb.png"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_EXT = re.compile(r"^\.[a-z0-9]{1,8}$")
+
+# The extensions an image may be stored under, and the format (as Pillow names it) its bytes
+# must have. Raster formats that browsers show as pictures and that cannot carry script: no
+# SVG, no HTML. An image of any other format is stored re-encoded as PNG.
+IMAGE_FORMATS: dict[str, str] = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+_FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
+               "TIFF": ".tif"}  # fmt: skip
 
 
 def default_data_dir() -> Path:
@@ -64,23 +83,42 @@ def is_session_id(text: object) -> bool:
     return isinstance(text, str) and bool(_SESSION_ID.match(text))
 
 
-def clean_ext(ext: str) -> str:
-    """A lower-case file extension with its dot; anything odd becomes `.bin`."""
-    ext = ext.lower()
-    return ext if _EXT.match(ext) else ".bin"
+def ext_for_format(image_format: str | None) -> str | None:
+    """The extension to store an image of Pillow format `image_format` under (e.g. "JPEG"
+    -> ".jpg"), or None when that format is not stored as it is (re-encode it as PNG)."""
+    return _FORMAT_EXT.get(image_format or "")
+
+
+def image_ext(ext: str) -> str:
+    """`ext` lower-cased, if images may be stored under it; else ValueError."""
+    ext = str(ext).lower()
+    if ext not in IMAGE_FORMATS:
+        allowed = ", ".join(sorted(IMAGE_FORMATS))
+        raise ValueError(f"{ext!r} is not an image extension the workbench stores ({allowed})")
+    return ext
 
 
 def image_relpath(sha256: str, ext: str) -> str:
-    """`images/ab/abcdef....<ext>` for an image whose bytes hash to `sha256`."""
+    """`images/ab/abcdef....<ext>` for an image whose bytes hash to `sha256`; `ext` must be
+    an image extension (see `IMAGE_FORMATS`)."""
     if not is_sha256(sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-    return f"{IMAGES}/{sha256[:2]}/{sha256}{clean_ext(ext)}"
+    return f"{IMAGES}/{sha256[:2]}/{sha256}{image_ext(ext)}"
 
 
 def thumb_relpath(sha256: str) -> str:
     if not is_sha256(sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
     return f"{IMAGES}/{sha256[:2]}/{sha256}{THUMB_SUFFIX}"
+
+
+def servable_dirs(data_dir: Path, *extra: str | os.PathLike[str]) -> list[str]:
+    """The folders the web UI may serve files from: the images folder of `data_dir` (images
+    and their thumbnails) plus `extra` folders (the demo images, the UI's scratch folder).
+
+    Never the data directory itself: `sessions.db`, its WAL and the adapters stay private.
+    """
+    return [str(Path(data_dir) / IMAGES), *(str(Path(p)) for p in extra)]
 
 
 def adapter_relpath(session_id: str) -> str:

@@ -194,7 +194,9 @@ class _ImageFile:
 def load_image(source: Any, name: str) -> _ImageFile:
     """Read `source` (a path or a PIL image) into bytes + size + a 128 px PNG thumbnail.
 
-    A path keeps its original bytes (and extension); a PIL image is stored as PNG.
+    A path keeps its original bytes under the extension of the format Pillow finds in them
+    (never the file's own suffix: the images folder is served, and a browser would render a
+    `.html` name as a page); other formats, and PIL images, are stored as PNG.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -204,12 +206,18 @@ def load_image(source: Any, name: str) -> _ImageFile:
             data = path.read_bytes()
         except OSError as exc:
             raise StoreError(f"Cannot read image {name!r} from {path}: {exc}") from exc
-        ext = paths.clean_ext(path.suffix or ".bin")
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise StoreError(f"{path} is not an image Pillow can read ({exc}).") from exc
+        ext = paths.ext_for_format(image.format)
+        if ext is None:  # readable, but not a format served as it is: store it as PNG
+            if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+                image = image.convert("RGBA")  # modes PNG cannot hold (CMYK, YCbCr, F...)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data, ext = buffer.getvalue(), ".png"
     elif isinstance(source, Image.Image):
         image = source
         buffer = io.BytesIO()

@@ -156,8 +156,22 @@ class Worker:
         cfg = AdaptConfig.from_dict(session["config"])
         items = self.session_items(sid)
         parts = cfg.to_dict()
+        self._check_imported_model(sid, parts["model"]["model"])
         loaded = self.ensure_model(parts["model"], parts["lora"], seed=cfg.optim.seed)
+        shown = {e["data"].get("message") for e in self.store.events(sid, kind="warning")}
+        for message in getattr(loaded, "info", {}).get("warnings", ()):  # e.g. pickle weights
+            if message not in shown:  # once per session, not once per job
+                self.store.sink(sid)("warning", {"message": message})
         return cfg, items, loaded
+
+    def _check_imported_model(self, sid: str, model: str) -> None:
+        """Refuse to load (or download) a model an imported archive names but this machine
+        does not have; see `sessions.archive.imported_model_problem`."""
+        from .archive import imported_model_problem
+
+        problem = imported_model_problem(self.store, sid, model)
+        if problem:
+            raise FileNotFoundError(problem)
 
     def session_items(self, sid: str) -> list[Any]:
         from ttrv.images import load_image
@@ -263,6 +277,8 @@ class Worker:
         sid = job.get("session_id") or req.get("session_id")
         cfg = AdaptConfig.from_dict(self.store.get_session(sid)["config"]) if sid else None
         model_cfg = req.get("model") or (cfg.to_dict()["model"] if cfg else {})
+        if sid and not req.get("model"):  # the session's own model, maybe from an archive
+            self._check_imported_model(sid, model_cfg["model"])
         lora_cfg = cfg.to_dict()["lora"] if cfg else {}
         loaded = self.ensure_model(model_cfg, lora_cfg, seed=0)
         image = load_image(req["image_path"])

@@ -18,47 +18,55 @@ from ttrv.tasks import Item
 from .test_store import png, rollout_records, step_record
 
 
+def build_source(tmp_path: Path, config: dict | None = None) -> tuple[Store, str]:
+    """A finished session with images, steps, rollouts, answers, a checkpoint and events,
+    in an open store under `tmp_path / "source"` (close it). `config`: the session's."""
+    store = Store(tmp_path / "source")
+    config = config or AdaptConfig().to_dict()
+    sid = store.create_session("export me", config, config["model"]["model"], "classes")
+    store.add_images(
+        sid,
+        [
+            {"path": png(tmp_path / "in" / "a.png", (10, 20, 30)), "label": "3"},
+            Item(image_id="pil", name="pil", image=Image.new("L", (9, 9), 7), options=["a"]),
+        ],
+    )
+    ids = [r["image_id"] for r in store.images(sid)]
+    sink = store.sink(sid)
+    sink("run_start", {"config": config, "images": [], "model": {"x": 1}})
+    sink(
+        "answers",
+        {"phase": "before", "answers": [{"image_id": ids[0], "response": "é", "answer": "é"}]},
+    )
+    for step in range(2):
+        sink("rollouts", {"step": step, "rollouts": rollout_records(step, ids, 3)})
+        sink("step", step_record(step, loss=float("inf")))
+    folder = store.adapter_dir(sid) / "round1-step1"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00weights")
+    (folder / "adapter_config.json").write_text("{}")
+    sink("checkpoint", {"round": 1, "step": 1, "path": str(folder)})
+    sink("guard", {"step": 1, "action": "warn", "reason": "r", "signals": {}, "checkpoint": None})
+    sink(
+        "answers",
+        {"phase": "round-1", "answers": [{"image_id": ids[0], "response": "3", "answer": "3"}]},
+    )
+    sink("run_end", {"status": "guard_stopped", "steps": 2, "reason": "entropy fell"})
+    return store, sid
+
+
 @pytest.fixture
 def source(tmp_path: Path):
-    """A finished session with images, steps, rollouts, answers, a checkpoint and events."""
-    with Store(tmp_path / "source") as store:
-        sid = store.create_session("export me", AdaptConfig().to_dict(), "tiny", "classes")
-        store.add_images(
-            sid,
-            [
-                {"path": png(tmp_path / "in" / "a.png", (10, 20, 30)), "label": "3"},
-                Item(image_id="pil", name="pil", image=Image.new("L", (9, 9), 7), options=["a"]),
-            ],
-        )
-        ids = [r["image_id"] for r in store.images(sid)]
-        sink = store.sink(sid)
-        sink("run_start", {"config": AdaptConfig().to_dict(), "images": [], "model": {"x": 1}})
-        sink(
-            "answers",
-            {"phase": "before", "answers": [{"image_id": ids[0], "response": "é", "answer": "é"}]},
-        )
-        for step in range(2):
-            sink("rollouts", {"step": step, "rollouts": rollout_records(step, ids, 3)})
-            sink("step", step_record(step, loss=float("inf")))
-        folder = store.adapter_dir(sid) / "round1-step1"
-        folder.mkdir()
-        (folder / "adapter_model.safetensors").write_bytes(b"\x00weights")
-        (folder / "adapter_config.json").write_text("{}")
-        sink("checkpoint", {"round": 1, "step": 1, "path": str(folder)})
-        sink(
-            "guard", {"step": 1, "action": "warn", "reason": "r", "signals": {}, "checkpoint": None}
-        )
-        sink(
-            "answers",
-            {"phase": "round-1", "answers": [{"image_id": ids[0], "response": "3", "answer": "3"}]},
-        )
-        sink("run_end", {"status": "guard_stopped", "steps": 2, "reason": "entropy fell"})
+    store, sid = build_source(tmp_path)
+    with store:
         yield store, sid
 
 
 def comparable(store: Store, sid: str) -> dict[str, list[dict]]:
-    """Every table's rows for the session, without ids and with adapter paths made relative."""
+    """Every table's rows for the session, without ids and with adapter paths made relative,
+    and without the "imported" events that an import adds (the archive's own rows only)."""
     tables = store.dump(sid)
+    tables["events"] = [e for e in tables["events"] if e["kind"] != "imported"]
     drop = {"id", "session_id"}
     out = {}
     for table, rows in tables.items():
@@ -82,6 +90,10 @@ def test_export_then_import_gives_the_same_data(source, tmp_path):
         same = fresh.import_archive(archive)
         assert same == sid  # the id is free there, so it is kept
         assert comparable(fresh, same) == comparable(store, sid)
+        (imported,) = fresh.events(same, kind="imported")
+        assert imported["data"]["trust_remote_code_reset"] is False
+        assert imported["data"]["model_on_this_machine"] is True  # the bundled model
+        assert not fresh.events(same, kind="warning")
         assert (
             Path(fresh.images(same)[0]["path"]).read_bytes()
             == (tmp_path / "in" / "a.png").read_bytes()

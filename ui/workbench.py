@@ -12,6 +12,7 @@ from typing import Any
 
 import gradio as gr
 
+from sessions.paths import servable_dirs
 from sessions.store import Store
 
 from . import (
@@ -97,9 +98,9 @@ def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
 
 
 def launch_options(store: Store, demo_dir: str | Path = DEMO_DIR) -> dict[str, Any]:
-    """theme, css and the folders whose files the UI may show (data dir, demo, scratch)."""
+    """theme, css and the folders whose files the UI may show (images, demo, scratch)."""
     return {
         "theme": gr.themes.Soft(primary_hue="blue"),
         "css": CSS,
-        "allowed_paths": [str(store.data_dir), str(Path(demo_dir)), str(draft.scratch_dir())],
+        "allowed_paths": servable_dirs(store.data_dir, Path(demo_dir), draft.scratch_dir()),
     }
