@@ -296,3 +296,72 @@ def test_offline_fixture_is_active():
     from huggingface_hub import constants
 
     assert constants.HF_HUB_OFFLINE
+
+
+def _pickle_copy(src, dest, keep_safetensors: bool = False):
+    """A copy of the model folder `src` whose weights are a pickle (`pytorch_model.bin`,
+    what `save_pretrained(safe_serialization=False)` wrote before transformers 5)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dest)
+    torch.save(load_file(dest / "model.safetensors"), dest / "pytorch_model.bin")
+    if not keep_safetensors:
+        (dest / "model.safetensors").unlink()
+    return dest
+
+
+def test_pickle_only_weights_load_with_a_warning(tiny_model_dir, tmp_path, caplog):
+    """Guards: base weights silently read from a pickle although safetensors are promised."""
+    src = tiny_model_dir("llava")
+    reference = load_model(ModelConfig(model=str(src)))
+    assert reference.info["weights_format"] == "safetensors" and reference.info["warnings"] == []
+    folder = _pickle_copy(src, tmp_path / "pickled")
+    with caplog.at_level("WARNING", logger="ttrv.loading"):
+        loaded = load_model(ModelConfig(model=str(folder)))
+    assert loaded.info["weights_format"] == "pickle"
+    (message,) = loaded.info["warnings"]
+    assert "pickle" in message and "pytorch_model.bin" in message and "safetensors" in message
+    assert message in caplog.text
+    inputs = _inputs(reference)  # the same weights came in: same logits
+    assert torch.equal(
+        _first_token_logits(loaded.model, inputs), _first_token_logits(reference.model, inputs)
+    )
+
+
+def test_safetensors_are_preferred_over_a_pickle_beside_them(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards: a pickle next to safetensors being read (it is never even opened)."""
+    folder = _pickle_copy(tiny_model_dir("llava"), tmp_path / "both", keep_safetensors=True)
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    kwargs_seen: list[dict] = []
+    original = AutoModelForImageTextToText.from_pretrained
+
+    def spy(*args, **kwargs):
+        kwargs_seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", spy)
+    loaded = load_model(ModelConfig(model=str(folder)))
+    assert loaded.info["weights_format"] == "safetensors" and loaded.info["warnings"] == []
+    assert kwargs_seen[0]["use_safetensors"] is True and kwargs_seen[0]["weights_only"] is True
+
+
+def test_pickle_weights_warning_reaches_the_session(tiny_model_dir, tmp_path):
+    """Guards: the pickle warning staying in a log nobody reads; the UI shows session
+    warnings (Inspect tab), once per session however many jobs load the model."""
+    from sessions import Store, jobs
+    from sessions.worker import Worker, run_until_idle
+    from ttrv.config import AdaptConfig
+
+    folder = _pickle_copy(tiny_model_dir("llava"), tmp_path / "pickled")
+    config = AdaptConfig().to_dict()
+    config["model"]["model"] = str(folder)
+    with Store(tmp_path / "data") as store:
+        sid = store.create_session("s", config, str(folder), "open")
+        store.add_images(sid, [{"image": Image.new("RGB", (8, 8), (1, 2, 3)), "name": "a"}])
+        worker = Worker(store)
+        for _ in range(2):
+            jobs.submit(store, "baseline", {}, sid)
+            run_until_idle(worker)
+            assert jobs.latest(store, "baseline", sid)["status"] == "done"
+        warnings = [e["data"]["message"] for e in store.events(sid, kind="warning")]
+        assert len(warnings) == 1 and "pickle" in warnings[0], warnings

@@ -11,10 +11,17 @@ not importable, also for real hub checkpoints that name the stock class.
 
 4-bit / 8-bit loading uses bitsandbytes on the language model only: the vision tower,
 projector and lm_head stay in the model dtype.
+
+Base weights: safetensors when the folder has them (`use_safetensors=True`, so a pickle
+beside them is never read). A model with only pickle weights (`pytorch_model.bin`) still
+loads, through torch's weights-only unpickler (which refuses to run code), but says so:
+`info["weights_format"]` is "pickle" and `info["warnings"]` carries a message the worker
+records as a session warning.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,13 @@ END_OF_TURN_TOKENS = (
     "<|eot_id|>",
     "<|end|>",
 )
+
+
+log = logging.getLogger(__name__)
+
+# The weight files `from_pretrained` looks for (no variants), safest first.
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class ModelLoadError(RuntimeError):
@@ -112,6 +126,45 @@ def _load_config(name: str, trust_remote_code: bool) -> PretrainedConfig:
         raise _not_found(name, exc) from exc
     except ValueError as exc:  # unknown model_type, remote code refused, ...
         raise ModelLoadError(f"Cannot read the config of {name!r}: {exc}") from exc
+
+
+def _is_safetensors(name: str) -> bool:
+    return name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def weights_format(source: str, config: PretrainedConfig | None = None) -> tuple[str, str | None]:
+    """("safetensors" | "pickle" | "unknown", file name) of the base weights that
+    `from_pretrained(source)` reads: a local folder's files (or the file its config names
+    in `transformers_weights`), else, for a hub id, the files in the local cache."""
+    explicit = getattr(config, "transformers_weights", None)
+    if explicit:
+        return ("safetensors" if _is_safetensors(str(explicit)) else "pickle"), str(explicit)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        found = [n for n in (*SAFETENSORS_FILES, *PICKLE_FILES) if (local / n).is_file()]
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = [
+                n
+                for n in (*SAFETENSORS_FILES, *PICKLE_FILES)
+                if isinstance(try_to_load_from_cache(source, n), str)
+            ]
+        except ValueError:  # not a valid hub id
+            found = []
+    if not found:
+        return "unknown", None
+    return ("safetensors" if _is_safetensors(found[0]) else "pickle"), found[0]
+
+
+def pickle_warning(model: str, weights_file: str) -> str:
+    return (
+        f"{model!r} has only pickle weights ({weights_file}), no safetensors. They were "
+        "loaded with torch's weights-only unpickler, which refuses to run code, but pickle "
+        "is not the safe format the workbench expects: prefer a safetensors copy "
+        "(`save_pretrained` writes one)."
+    )
 
 
 # ---- processor ---------------------------------------------------------------------------
@@ -272,7 +325,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         "dtype": dtype,
         "trust_remote_code": cfg.trust_remote_code,
         "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        # Explicit, not left to a default that may change: a pickle is read with torch's
+        # restricted unpickler, never with one that can run code.
+        "weights_only": True,
     }
+    fmt, weights_file = weights_format(source, config)
+    if fmt == "safetensors" and not getattr(config, "transformers_weights", None):
+        kwargs["use_safetensors"] = True  # never fall back to a pickle lying beside them
     if cfg.quantization != "none":
         kwargs["quantization_config"] = bnb_config(
             cfg.quantization, dtype, non_language_modules(config)
@@ -289,6 +348,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model = _prepare_kbit(model, device)
     model.requires_grad_(False)
     model.eval()
+    if fmt == "unknown":  # a hub id read for the first time: its files are cached now
+        fmt, weights_file = weights_format(source, config)
+    info = model_info(model, cfg.model, cfg.quantization)
+    info["weights_format"] = fmt
+    info["warnings"] = []
+    if fmt == "pickle":
+        message = pickle_warning(cfg.model, str(weights_file))
+        log.warning(message)
+        info["warnings"].append(message)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -296,7 +364,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         device=device,
         dtype=dtype,
         family=family,
-        info=model_info(model, cfg.model, cfg.quantization),
+        info=info,
     )
 
 
