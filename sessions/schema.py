@@ -183,10 +183,24 @@ def _m0002_jobs(db: Database) -> None:
     """)
 
 
+def _m0003_reviews(db: Database) -> None:
+    # Flip review: a person's marks on images whose greedy answer changed, one per image.
+    db.executescript("""
+    CREATE TABLE reviews (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        image_id TEXT NOT NULL,
+        mark TEXT NOT NULL CHECK (mark IN ('before', 'after', 'neither')),
+        created TEXT NOT NULL,
+        PRIMARY KEY (session_id, image_id)
+    );
+    """)
+
+
 # Append only: never edit or reorder a migration that has shipped.
 MIGRATIONS: list[tuple[str, Callable[[Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_jobs", _m0002_jobs),
+    ("0003_reviews", _m0003_reviews),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

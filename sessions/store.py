@@ -82,15 +82,17 @@ ROLLOUT_COLUMNS = (
     "trained",
     "option_order",
 )
-# Tables holding one session's rows, in the order they are written and deleted.
-SESSION_TABLES = (
-    "session_images",
-    "steps",
-    "rollouts",
-    "answers",
-    "checkpoints",
-    "events",
-)
+# Tables holding one session's rows, in the order they are written and deleted, each with
+# the order its rows are dumped in (delete, dump and the archive all read this one list).
+SESSION_TABLES: dict[str, str] = {
+    "session_images": "position",
+    "steps": "step",
+    "rollouts": 'step, image_id, "index"',
+    "answers": "phase, image_id",
+    "checkpoints": "id",
+    "events": "id",
+    "reviews": "image_id",
+}
 RUN_END_STATUS = {"done": "done", "failed": "failed"}  # anything else ends as "stopped"
 THUMB_PX = 128
 DEFAULT_STALE_AFTER_S = 120.0
@@ -1005,6 +1007,20 @@ class Store:
             )
         return out
 
+    def converged_images(self, session_id: str) -> dict[str, int]:
+        """{image_id: first step at which all of its rollouts gave one valid answer}: the
+        images `optim.skip_converged` drops from later rounds (`ttrv.adapt.is_converged`)."""
+        with self._read("reading converged images") as db:
+            self._session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, min(step) FROM (SELECT image_id, step FROM rollouts "
+                "WHERE session_id = ? GROUP BY image_id, step HAVING "
+                "count(DISTINCT coalesce(answer, '<invalid>')) = 1 AND "
+                "min(coalesce(answer, '<invalid>')) != '<invalid>') GROUP BY image_id",
+                [session_id],
+            ).fetchall()
+        return {image_id: int(step) for image_id, step in rows}
+
     def answers(self, session_id: str) -> list[dict[str, Any]]:
         """Per image, in order: image_id, name, position, label, sha256, before,
         before_response, after, after_response, after_phase ("after", else the last
@@ -1014,6 +1030,34 @@ class Store:
         with self._read("reading answers") as db:
             self._session_row(db, session_id)
             return self._answers(db, session_id)
+
+    # -- flip review -----------------------------------------------------------------------
+
+    def set_review_mark(self, session_id: str, image_id: str, mark: str) -> None:
+        """Record which answer of a flipped image was right ("before", "after", "neither");
+        "skip" removes a mark."""
+        if mark not in ("before", "after", "neither", "skip"):
+            raise StoreError(f"Unknown review mark {mark!r}: before, after, neither or skip.")
+        with self._write("saving a review mark") as db:
+            self._session_row(db, session_id)
+            db.execute(
+                "DELETE FROM reviews WHERE session_id = ? AND image_id = ?",
+                [session_id, image_id],
+            )
+            if mark != "skip":
+                db["reviews"].insert(
+                    {"session_id": session_id, "image_id": image_id, "mark": mark, "created": now()}
+                )
+
+    def review_marks(self, session_id: str) -> dict[str, str]:
+        """image_id -> mark, for the session's reviewed flips."""
+        with self._read("reading review marks") as db:
+            self._session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, mark FROM reviews WHERE session_id = ? ORDER BY created",
+                [session_id],
+            ).fetchall()
+        return {image_id: mark for image_id, mark in rows}
 
     def compare(self, a: str, b: str) -> dict[str, Any]:
         """Two sessions side by side: {"a": session, "b": session (both as get_session),
@@ -1065,18 +1109,10 @@ class Store:
                 "WHERE session_id = ?) ORDER BY id",
                 [session_id],
             )
-            order = {
-                "session_images": "position",
-                "steps": "step",
-                "rollouts": 'step, image_id, "index"',
-                "answers": "phase, image_id",
-                "checkpoints": "id",
-                "events": "id",
-            }
-            for table in SESSION_TABLES:
+            for table, order in SESSION_TABLES.items():
                 out[table] = self._rows(
                     db,
-                    f"SELECT * FROM {table} WHERE session_id = ? ORDER BY {order[table]}",
+                    f"SELECT * FROM {table} WHERE session_id = ? ORDER BY {order}",
                     [session_id],
                 )
         return out

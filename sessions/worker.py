@@ -21,7 +21,7 @@ import traceback as tb
 from pathlib import Path
 from typing import Any
 
-from . import jobs
+from . import jobs, review
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Worker:
         from ttrv.rollout import greedy_answers
 
         cfg, items, loaded = self._session_setup(sid)
-        if with_adapter:
+        if with_adapter and review.applied(self.store, sid) != "revert":
             ckpt = self.store.latest_checkpoint(sid)
             if ckpt is None or ckpt["missing"]:
                 raise FileNotFoundError("This session has no adapter yet: adapt first.")
@@ -292,7 +292,7 @@ class Worker:
             base = greedy_answers(policy, [item], task, rollout)[0]
         adapted = None
         if sid:
-            ckpt = self.store.latest_checkpoint(sid)
+            ckpt = review.session_adapter(self.store, sid)  # None once reverted by review
             if ckpt and not ckpt["missing"]:
                 load_adapter_weights(loaded.model, ckpt["path"])
                 adapted = greedy_answers(policy, [item], task, rollout)[0]

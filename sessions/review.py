@@ -1,0 +1,94 @@
+"""Flip review of a session: the queue of images whose greedy answer changed, the marks a
+person gives them, the verdict (`ttrv.review`) and its one-click application.
+
+The marks live in the store's `reviews` table (exported with the session); applying a
+verdict is a `review_applied` event. A session whose latest applied verdict is "revert"
+answers with the unadapted model: `session_adapter` returns no adapter for it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ttrv.review import MARK_LABELS, review_order, verdict
+
+if TYPE_CHECKING:
+    from .store import Store
+
+DECISIONS = ("keep", "revert")
+
+
+def queue(store: Store, session_id: str) -> dict[str, Any]:
+    """The review state: `flips` (rows of `Store.answers` whose answer after the run differs
+    from before, in the seeded review order, each with its `mark` or None), `images`
+    (answered before and after), the `verdict` (`ttrv.review.Verdict` as a dict) and
+    `applied` (the latest applied decision, or None)."""
+    rows = [r for r in store.answers(session_id) if r["before"] is not None]
+    answered = [r for r in rows if r["after_phase"] == "after"]
+    by_id = {r["image_id"]: r for r in answered if r["flipped"]}
+    seed = int(
+        ((store.get_session(session_id).get("config") or {}).get("optim") or {}).get("seed", 0)
+    )
+    marks = {i: m for i, m in store.review_marks(session_id).items() if i in by_id}
+    flips = [{**by_id[i], "mark": marks.get(i)} for i in review_order(list(by_id), seed)]
+    v = verdict(marks, len(flips), len(answered))
+    return {
+        "flips": flips,
+        "images": len(answered),
+        "verdict": v.to_dict(),
+        "applied": applied(store, session_id),
+    }
+
+
+def mark(store: Store, session_id: str, image_id: str, value: str) -> dict[str, Any]:
+    """Mark one flip ("before", "after", "neither", or "skip" to clear) and return the
+    updated `queue`."""
+    flipped = {r["image_id"] for r in queue(store, session_id)["flips"]}
+    if image_id not in flipped:
+        raise ValueError("That image's answer did not change: only flips are reviewed.")
+    store.set_review_mark(session_id, image_id, value)
+    return queue(store, session_id)
+
+
+def apply(store: Store, session_id: str, decision: str) -> dict[str, Any]:
+    """Apply a decision: "keep" the adapter or "revert" the session's result to the
+    unadapted model; recorded as a `review_applied` event with the verdict it followed."""
+    if decision not in DECISIONS:
+        raise ValueError(f"Unknown decision {decision!r}: keep or revert.")
+    state = queue(store, session_id)
+    store.sink(session_id)(
+        "review_applied",
+        {
+            "decision": decision,
+            "verdict": state["verdict"],
+            "marks": {f["image_id"]: f["mark"] for f in state["flips"] if f["mark"]},
+        },
+    )
+    return {**state, "applied": decision}
+
+
+def applied(store: Store, session_id: str) -> str | None:
+    events = store.events(session_id, kind="review_applied")
+    return events[-1]["data"]["decision"] if events else None
+
+
+def session_adapter(store: Store, session_id: str) -> dict[str, Any] | None:
+    """The checkpoint a session answers with: its latest, or None when it has none or its
+    review reverted it to the unadapted model."""
+    if applied(store, session_id) == "revert":
+        return None
+    return store.latest_checkpoint(session_id)
+
+
+def verdict_text(state: dict[str, Any]) -> str:
+    """One paragraph for the UI: the verdict and what has been applied."""
+    v = state["verdict"]
+    text = v["message"]
+    if state["applied"] == "revert":
+        text += " Applied: the session's result is the unadapted model."
+    elif state["applied"] == "keep":
+        text += " Applied: the session keeps its adapter."
+    return text
+
+
+__all__ = ["DECISIONS", "MARK_LABELS", "applied", "apply", "mark", "queue", "session_adapter"]
