@@ -202,6 +202,7 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
         (".png", _png_bytes((9, 9, 9)), PAGE),  # a page as the thumbnail
         (".jpg", _png_bytes((8, 8, 8)), _png_bytes()),  # content and name disagree
     ],
+    ids=["html", "svg", "page-named-png", "page-as-thumbnail", "png-named-jpg"],
 )
 def test_imported_image_that_is_not_that_image_is_refused(good, tmp_path, ext, data, thumb):
     """Guards an html file stored under the images folder, which the UI serves inline."""
@@ -377,6 +378,22 @@ def _set(table: str, column: str, value: object, row: int = 0) -> Callable[[dict
         (_set("session_images", "sha256", "f" * 64), "refers to an image"),
         (_set("events", "kind", None), "events row 1 has no kind"),
         (lambda t: t["steps"].append("not a row"), "steps row 3 is not an object"),
+    ],
+    ids=[
+        "step-text",
+        "step-fraction",
+        "reward-text",
+        "answer-list",
+        "config-string",
+        "config-unknown-field",
+        "config-invalid-value",
+        "status-unknown",
+        "checkpoint-absolute",
+        "checkpoint-escaping",
+        "checkpoint-outside-adapters",
+        "image-link-dangling",
+        "event-without-kind",
+        "row-not-object",
     ],
 )
 def test_malformed_rows_are_refused_with_a_clear_message(good, tmp_path, edit, match):
