@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true", help="also record the run as an app session")
     p.add_argument("--data-dir", type=Path, help="session store folder (with --store)")
     p.add_argument("--name", help="session name (with --store)")
+    p.add_argument(
+        "--review",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the run, play a reviewer who marks up to N changed answers (seeded "
+        "random) from --labels, then keep the adapter or roll back as the verdict says",
+    )
     add_config_flags(p)
 
     a = sub.add_parser("answer", help="answer images greedily, with or without an adapter")
@@ -144,7 +152,13 @@ def _progress(total: int):
         elif kind == "answers":
             print(f"answered {len(data['answers'])} images ({data['phase']})", file=sys.stderr)
         elif kind == "guard":
-            print(f"guard: {data['action']}: {data['reason']}", file=sys.stderr)
+            print(
+                f"guard at step {data['step']}: {data['action']}: {data['reason']}", file=sys.stderr
+            )
+        elif kind == "forecast":
+            print(f"forecast: {data['message']}", file=sys.stderr)
+        elif kind == "run_start" and data.get("split"):
+            print(data["split"]["note"], file=sys.stderr)
         elif kind == "checkpoint":
             print(f"checkpoint: {data['path']}", file=sys.stderr)
 
@@ -154,7 +168,11 @@ def _progress(total: int):
 def cmd_adapt(args: argparse.Namespace) -> int:
     base = json.loads(args.config.read_text()) if args.config else None
     cfg = config_from_args(args, base)
+    if args.review < 0:
+        raise ConfigError(f"--review must be >= 0 (got {args.review}).")
     items = _load_items(args.images, args.labels)
+    if args.review and not any(it.label is not None for it in items):
+        raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -188,6 +206,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         if args.store:
             store.set_status(sid, "failed", error=str(e))
         raise
+    # What the run changed, before a review may revert it.
+    changed = sum(
+        b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
+    )
+    accuracy_run = accuracy(result.after, items, cfg.task)
+    review = None
+    if args.review:
+        review = play_review(loaded.model, result, items, cfg, args.review, out)
+        sinks[0]("review", review)  # events.jsonl
+        if store_sink is not None:
+            store_sink("review_applied", {"decision": review["applied"], **review})
+            for image_id, mark in review["marks"].items():
+                store.set_review_mark(sid, image_id, mark)
     adapter = save_adapter(loaded.model, out / "adapter")
     if args.store:
         store.set_status(sid, "done" if result.status != "stopped" else "stopped")
@@ -196,12 +227,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         "reason": result.reason,
         "steps": result.steps,
         "accuracy_before": accuracy(result.before, items, cfg.task),
-        "accuracy_after": accuracy(result.after, items, cfg.task),
-        "changed": sum(
-            b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
-        ),
+        "accuracy_after": accuracy_run,
+        "changed": changed,
         "images": len(items),
         "adapter": str(adapter),
+        "watch_pool": len(result.split.watch) if result.split else 0,
+        "rollback_target": result.target_step if result.status == "guard_stopped" else None,
+        "review": review,
+        "accuracy_final": accuracy(result.after, items, cfg.task),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "answers.json").write_text(
@@ -209,6 +242,38 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     )
     print(_summary_text(summary, out))
     return 0
+
+
+def play_review(
+    model: Any, result: Any, items: list[Any], cfg: AdaptConfig, n: int, out: Path
+) -> dict[str, Any]:
+    """A reviewer who knows the labels marks up to `n` flips (seeded order), then the
+    verdict is applied: keep the adapter, or put the unadapted weights back (the adapted
+    ones are kept in `adapter-rejected/`) and make the answers after equal those before."""
+    from .adapt import unadapted_state
+    from .answers import canonical_label
+    from .lora import load_adapter_state, save_adapter
+    from .review import flips, mark_from_label, review_order, verdict
+
+    before = {b["image_id"]: b["answer"] for b in result.before}
+    after = {a["image_id"]: a["answer"] for a in result.after}
+    labels = {it.image_id: it.label for it in items if it.label is not None}
+    flipped = flips(before, after)
+    marks: dict[str, str] = {}
+    for image_id in review_order(flipped, cfg.optim.seed):
+        if len(marks) >= n:
+            break
+        if image_id in labels:  # an image without a label is skipped, as a person would
+            label = canonical_label(labels[image_id], cfg.task)
+            marks[image_id] = mark_from_label(label, before[image_id], after[image_id])
+    v = verdict(marks, len(flipped), len(before))
+    applied = "keep"
+    if v.recommendation == "revert":
+        save_adapter(model, out / "adapter-rejected")
+        load_adapter_state(model, unadapted_state(model))
+        result.after = [dict(b) for b in result.before]
+        applied = "revert"
+    return {"marks": marks, "verdict": v.to_dict(), "applied": applied}
 
 
 def _summary_text(s: dict[str, Any], out: Path) -> str:
@@ -220,6 +285,15 @@ def _summary_text(s: dict[str, Any], out: Path) -> str:
         lines.append(
             f"accuracy (labels, evaluation only): {s['accuracy_before']:.1%} -> "
             f"{s['accuracy_after']:.1%}"
+        )
+    if s.get("review"):
+        lines.append(f"review: {s['review']['verdict']['message']}")
+        applied = s["review"]["applied"]
+        lines.append(
+            "review applied: keep the adapter"
+            if applied == "keep"
+            else "review applied: reverted to the unadapted model (the adapted weights are in "
+            "adapter-rejected/)"
         )
     lines.append(f"events, answers and adapter in {out}")
     return "\n".join(lines)
