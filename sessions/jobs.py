@@ -120,6 +120,16 @@ def latest(store: Store, kind: str, session_id: str | None = None) -> dict[str, 
     return _parse(rows[0]) if rows else None
 
 
+def of_session(store: Store, session_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """Every job of one session, oldest first (optionally of one kind)."""
+    sql, params = "SELECT * FROM jobs WHERE session_id = ?", [session_id]
+    if kind is not None:
+        sql, params = sql + " AND kind = ?", [session_id, kind]
+    with store._read("reading jobs") as db:
+        rows = store._rows(db, sql + " ORDER BY id", params)
+    return [_parse(r) for r in rows]
+
+
 def active(store: Store) -> list[dict[str, Any]]:
     with store._read("reading jobs") as db:
         rows = store._rows(

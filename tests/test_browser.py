@@ -109,33 +109,41 @@ def test_adapt_in_the_browser(app, page):
         raise
 
 
+def in_first_screen(page, selector: str) -> bool:
+    """Whether the element is visible without scrolling the 1280x900 window."""
+    box = page.locator(selector).first.bounding_box()
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 900
+
+
 def drive(app, page) -> None:
     url, store, model = app
     started = time.monotonic()
     page.goto(url)
     page.wait_for_selector("#current-session")
 
-    # Model: the bundled model is preselected; otherwise type the tiny model's folder.
+    # One first-run path: model (with its card), images, task and Start in one screen.
+    page.wait_for_selector("#model-card :text('only knows')")
+    for selector in ("#cfg-model-model", "#quick-demo", "#quick-preset", "#start-btn"):
+        assert in_first_screen(page, selector), f"{selector} is below the first screen"
     if not page.locator("#cfg-model-model input").input_value().startswith(Path(model).name):
         box = page.locator("#cfg-model-model input")
         box.fill(model)
         box.press("Enter")
+    page.click("#quick-demo")
+    page.wait_for_selector("#adapt-status :text('Added')")
+    page.wait_for_selector("#quick-gallery img")
+    assert in_first_screen(page, "#start-btn")
+    shot(page, "1-first-screen")
 
-    page.click("#tab-images-button")
-    page.click("#load-demo")
-    page.wait_for_selector("#images-status :text('Added')")
-    page.wait_for_selector("#draft-gallery img")
-    shot(page, "1-images")
-
-    page.click("#tab-adapt-button")
+    page.click("#tab-adapt :text('Advanced settings')")  # folded on the first screen
     for elem_id, value in (("cfg-rollout-n_rollouts", 4), ("cfg-rollout-n_train", 4),
                            ("cfg-rollout-max_new_tokens", 4), ("cfg-optim-images_per_step", 2),
-                           ("cfg-optim-rounds", 100)):  # fmt: skip
+                           ("cfg-optim-rounds", 1000)):  # fmt: skip
         set_number(page, elem_id, value)
     # Keep the run going until the Stop button ends it: no guard, no skipping of images
     # whose rollouts agree (the bundled model agrees on most digits at once).
     page.locator("#cfg-optim-skip_converged input").uncheck()
-    page.click("#tab-adapt :text('Guard')")  # open the accordion
+    page.click("#adv-guard .label-wrap")  # open the accordion
     page.locator("#cfg-guard-guard input").uncheck()
     page.click("#start-btn")
     page.wait_for_selector("#adapt-status :text('Started session')")
@@ -145,6 +153,20 @@ def drive(app, page) -> None:
         "() => +(document.querySelector('#progress .ttrv-progress')?.dataset.done || 0) >= 1",
         timeout=120_000,
     )
+
+    # A reload mid-run lands on the run: its tab, its settings (read-only), its images.
+    page.reload()
+    page.wait_for_selector("#progress .ttrv-progress[data-status='running']")
+    assert page.locator("#tab-adapt").is_visible()
+    page.click("#tab-adapt :text('Advanced settings')")
+    page.wait_for_function(
+        "() => document.querySelector('#cfg-optim-rounds input')?.value === '1000'"
+    )
+    assert page.locator("#cfg-optim-rounds input").is_disabled()
+    assert page.locator("#cfg-rollout-n_rollouts input").input_value() == "4"
+    page.wait_for_selector("#quick-gallery img")
+    assert "24 images" in page.inner_text("#quick-images")
+
     first = done_steps(page)
     page.wait_for_function(
         f"() => +(document.querySelector('#progress .ttrv-progress')?.dataset.done || 0) > {first}"
@@ -157,6 +179,8 @@ def drive(app, page) -> None:
     page.wait_for_selector("#progress .ttrv-progress[data-status='stopped']")
     sid = store.list_sessions()[0]["id"]
     assert store.get_session(sid)["status"] == "stopped"
+    page.wait_for_selector("#adapt-status :text('The run ended: stopped')")  # not "Stopping…"
+    assert not page.locator("#cfg-optim-rounds input").is_disabled()
 
     page.click("#tab-inspect-button")
     page.wait_for_selector("#inspect-gallery img")

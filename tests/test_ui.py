@@ -190,6 +190,110 @@ def test_draft_from_a_zip_with_class_folders_and_bad_members(tmp_path):
     assert draft.remove(again, 0) == again[1:]
 
 
+def photo(path: Path, size=(640, 480)) -> Path:
+    """A colourful photo-like image: nothing like an 8x8 grey digit."""
+    image = Image.new("RGB", size, (250, 200, 120))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, size[0], 40):
+        draw.rectangle([i, 0, i + 20, size[1]], fill=(30 + i % 200, 140, 60))
+    image.save(path)
+    return path
+
+
+def test_digits_domain_check_tells_photos_from_digits(tmp_path):
+    """The bundled model's training digits (and the demo images) pass; a colour photo, a
+    wide image and light-on-dark digits are each named for what differs."""
+    from ttrv.digits import digit_image, unlike_training_digits
+    from ui.workbench import DEMO_DIR
+
+    pixels = [[0] * 8 for _ in range(8)]
+    for r in range(1, 7):
+        pixels[r][4] = 16  # a "1"
+    digit = digit_image(pixels, 128)
+    assert unlike_training_digits(digit) == []
+    for png in sorted(DEMO_DIR.glob("*.png"))[:6]:
+        assert unlike_training_digits(Image.open(png)) == [], png
+    shot = Image.open(photo(tmp_path / "cheetah.jpg"))
+    reasons = unlike_training_digits(shot.resize((128, 96)), shot.size)
+    assert "large (640x480)" in reasons and "in colour" in reasons
+    assert "not square (200x40)" in unlike_training_digits(Image.new("RGB", (200, 40), "white"))
+    inverted = Image.eval(digit, lambda v: 255 - v)
+    assert unlike_training_digits(inverted) == ["dark background"]
+
+
+def test_model_card_summary_and_domain_warning(tmp_path):
+    """The bundled model's card is summarised (what it knows, its accuracy); the domain
+    warning names the photos for the digits model only."""
+    from ui import draft, model_card
+
+    card = model_card.card_markdown(BUNDLED_MODEL)
+    assert "only knows scikit-learn's 8x8 handwritten digits" in card
+    assert "Open question, greedy accuracy **92.6%**" in card
+    assert "No model card found" in model_card.card_markdown(str(tmp_path / "nothing"))
+    hub = model_card.summarize_card(
+        "---\nlicense: mit\n---\n# Tiny\n\nA model.\n\n"
+        "## Limitations\n- no cats\n| Accuracy (val) | 0.9 |\n"
+    )
+    assert hub == {"title": "Tiny", "intro": "A model.", "knows": ["no cats"],
+                   "numbers": [("Accuracy (val)", "0.9")]}  # fmt: skip
+
+    from ui.workbench import DEMO_DIR
+
+    digits, _ = draft.add_files([], sorted(DEMO_DIR.glob("*.png"))[:3])
+    photos, _ = draft.add_files(digits, [photo(tmp_path / "tower.jpg")])
+    assert model_card.domain_warning(BUNDLED_MODEL, digits) == ""
+    warning = model_card.domain_warning(BUNDLED_MODEL, photos)
+    assert "1 of 4 images do not look like" in warning and "tower.jpg (large (640x480)" in warning
+    assert model_card.domain_warning("Qwen/Qwen2.5-VL-3B-Instruct", photos) == ""
+
+
+def test_model_check_says_what_is_wrong(tmp_path, tiny_model_dir):
+    """Start's model check: a missing folder, a malformed or uncached hub id (offline), a
+    folder without config.json and a text-only model are refused with a reason; a real
+    folder passes. The digits model warns about prompts it was not trained on."""
+    import json
+
+    from ttrv.config import ModelConfig, TaskConfig
+    from ui.checks import check_model, task_notes
+
+    def refused(model: str) -> str:
+        with pytest.raises(ValueError) as exc:
+            check_model(ModelConfig(model=model))
+        return str(exc.value)
+
+    assert "does not exist" in refused(str(tmp_path / "missing"))
+    assert "neither an existing folder nor a Hugging Face hub id" in refused("not a repo id")
+    assert "not in the local Hugging Face cache" in refused("someone/uncached-vlm")
+    assert "no config.json" in refused(str(tmp_path))
+    text_only = tmp_path / "gpt"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "does not take images" in refused(str(text_only))
+    assert check_model(ModelConfig(model=str(tiny_model_dir("llava")))) == "model folder llava"
+    assert task_notes(BUNDLED_MODEL, TaskConfig()) == []
+    assert "trained on the question" in task_notes(BUNDLED_MODEL, TaskConfig(question="What?"))[0]
+    assert "yes no task" in task_notes(BUNDLED_MODEL, TaskConfig(kind="yes_no"))[0]
+    assert task_notes(str(tiny_model_dir("llava")), TaskConfig(question="What?")) == []
+
+
+def test_run_headline_reads_accuracy_changes_and_guard():
+    """The finished run's headline: accuracy before -> after, answers changed, and the
+    guard's rollback (or that it was off); nothing while the run is active."""
+    from ui.charts import run_headline
+
+    session = {"status": "done", "config": {"guard": {"guard": True}},
+               "headline": {"steps": 12, "accuracy_before": 0.5, "accuracy_after": 0.625,
+                            "labelled": 8, "compared": 8, "flipped": 2}}  # fmt: skip
+    text = run_headline(session, [])
+    assert "**Run done** after 12 steps" in text and "50.0% → 62.5%" in text
+    assert "**2 of 8** answers changed" in text and "guard: no rollback" in text
+    rollback = {"kind": "guard", "data": {"action": "rollback", "step": 6, "reason": "collapse"}}
+    assert "rolled back** at step 6 (collapse)" in run_headline(session, [rollback])
+    off = {**session, "config": {"guard": {"guard": False}}}
+    assert "guard: off" in run_headline(off, [])
+    assert run_headline({**session, "status": "running"}, []) == ""
+
+
 # -- the app through its API --------------------------------------------------------------------
 
 
@@ -274,7 +378,7 @@ def test_bad_uploads_are_reported_and_the_rest_kept(app, tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     files = [handle_file(str(tmp_path / n)) for n in ("good.png", "notes.png", "broken.png",
                                                        "empty.jpg")]  # fmt: skip
-    gallery, summary, _, status = client(app).predict(files, None, api_name="/add_files")
+    gallery, summary, _, status, box = client(app).predict(files, None, api_name="/add_files")
     assert "Added 1 image(s)" in status
     for name in ("notes.png", "broken.png", "empty.jpg"):
         assert name in status
@@ -297,7 +401,29 @@ def test_invalid_hyperparameters_are_rejected_before_anything_starts(app):
     assert "n rollouts is empty" in status
     status, *_ = start(c, app, task__kind="multiple_choice", task__options="")
     assert "without options" in status
+    # The model is checked before anything is queued: no failed session is left behind.
+    status, *_ = start(c, app, model__model="/nonexistent/model")
+    assert "The model folder /nonexistent/model does not exist" in status
+    status, *_ = start(c, app, model__model="someone/uncached-vlm")
+    assert "not in the local Hugging Face cache" in status
     assert app.store.list_sessions() == []
+
+
+@pytest.mark.slow
+def test_first_screen_warns_about_photos_for_the_digits_model(app, tmp_path):
+    """Images added on the first screen are checked against the digits model's training
+    data before any run: a photo is named, the demo digits are not."""
+    c = client(app)
+    c.predict(api_name="/quick_demo")
+    assert c.predict(BUNDLED_MODEL, api_name="/domain_check")[0] == ""
+    status = c.predict([handle_file(str(photo(tmp_path / "cheetah.jpg")))],
+                       api_name="/quick_upload")  # fmt: skip
+    assert "Added 1 image(s)" in status
+    warning, same = c.predict(BUNDLED_MODEL, api_name="/domain_check")
+    assert "1 of 25 images do not look like" in warning and "cheetah.jpg" in warning
+    assert warning == same  # the Images tab shows it too
+    assert c.predict(app.model if app.model != BUNDLED_MODEL else "Qwen/Qwen2.5-VL-3B-Instruct",
+                     api_name="/domain_check")[0] == ""  # fmt: skip
 
 
 @pytest.mark.slow

@@ -134,3 +134,42 @@ def digit_items(
             )
         )
     return items
+
+
+# -- does an image look like the training data? ------------------------------------------------
+# The bundled model saw only grey, square, dark-on-white digits of 8x8 real pixels. These
+# bounds are loose on purpose: they flag photos and inverted or colour images, not a
+# digit scanned at another size.
+MAX_COLOUR = 20.0  # mean channel spread (max - min of R, G, B) per pixel, 0..255; grey = 0
+MAX_ASPECT = 1.5  # longer side / shorter side
+MAX_SIDE = 256  # pixels; the model sees every image at 32x32
+MIN_BACKGROUND = 128  # mean grey level of the border; training digits sit on white (255)
+
+
+def unlike_training_digits(image: Image.Image, size: tuple[int, int] | None = None) -> list[str]:
+    """Why `image` does not look like the bundled model's training digits ([] = it does).
+
+    `image` may be a thumbnail (colours and background are read from it); `size` is the
+    original (width, height) when the thumbnail is smaller.
+
+    >>> unlike_training_digits(Image.new("RGB", (128, 128), "white"))
+    []
+    >>> unlike_training_digits(Image.new("RGB", (640, 480), (250, 180, 120)), (640, 480))
+    ['large (640x480)', 'in colour']
+    """
+    import numpy as np
+
+    w, h = size or image.size
+    reasons = []
+    if max(w, h) > MAX_SIDE:
+        reasons.append(f"large ({w}x{h})")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        reasons.append(f"not square ({w}x{h})")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    if float((rgb.max(axis=2) - rgb.min(axis=2)).mean()) > MAX_COLOUR:
+        reasons.append("in colour")
+    grey = rgb.mean(axis=2)  # [H, W]
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if float(border.mean()) < MIN_BACKGROUND:
+        reasons.append("dark background")
+    return reasons

@@ -50,15 +50,38 @@ def total_steps(n_images: int, rounds: int, images_per_step: int) -> int:
     return max(1, rounds) * math.ceil(n_images / max(1, images_per_step))
 
 
+def planned_steps(n_images: int, rounds: int, images_per_step: int,
+                  steps: list[dict[str, Any]], converged: dict[str, int]) -> int:  # fmt: skip
+    """Steps the run will take as far as the store can tell, when converged images are
+    skipped: the steps done, the rest of the current round (its order was fixed when it
+    began, over the images not converged in earlier rounds), and every later round over
+    the images not converged yet. Equals `total_steps` before anything converged."""
+    if not steps:
+        return total_steps(n_images, rounds, images_per_step)
+    per_round = Counter(int(s["round"]) for s in steps)
+    round_of = {int(s["step"]): int(s["round"]) for s in steps}
+    current = max(per_round)
+    # A rollout row may land before its step row: count it in the current round.
+    done_in = [round_of.get(step, current) for step in converged.values()]
+    active_then = n_images - sum(r < current for r in done_in)
+    rest_of_round = max(0, math.ceil(active_then / max(1, images_per_step)) - per_round[current])
+    later = max(0, rounds - 1 - current) * math.ceil(
+        max(0, n_images - len(converged)) / max(1, images_per_step)
+    )
+    return len(steps) + rest_of_round + later
+
+
 @dataclass
 class Progress:
     done: int
-    total: int
+    total: int  # the steps the run will take, as far as known now
     round: int | None  # 1-based round of the last step
     rounds: int
     step_s: float | None  # mean seconds per step over the recent steps
     eta_s: float | None
     status: str  # the session's status
+    planned: int = 0  # rounds * ceil(images / images_per_step), what the schedule assumes
+    converged: int = 0  # images skipped in later rounds because all their rollouts agreed
 
     @property
     def fraction(self) -> float:
@@ -66,16 +89,21 @@ class Progress:
 
 
 def progress(steps: list[dict[str, Any]], config: dict[str, Any], n_images: int,
-             status: str) -> Progress:  # fmt: skip
+             status: str, converged: dict[str, int] | None = None) -> Progress:  # fmt: skip
+    """Where a run stands. `converged` (`Store.converged_images`) shortens the expected
+    total as images converge, instead of the total jumping down when the run ends."""
     optim = config.get("optim", {})
     rounds = int(optim.get("rounds", 1))
-    total = total_steps(n_images, rounds, int(optim.get("images_per_step", 1)))
+    per_step = int(optim.get("images_per_step", 1))
+    planned = total_steps(n_images, rounds, per_step)
+    skip = bool(optim.get("skip_converged", True)) and converged
+    total = planned_steps(n_images, rounds, per_step, steps, converged) if skip else planned
     done = len(steps)
     recent = [s["seconds"] for s in steps[-10:] if s.get("seconds")]
     step_s = sum(recent) / len(recent) if recent else None
     eta = step_s * max(0, total - done) if step_s is not None and status in ACTIVE else None
     last_round = steps[-1].get("round") if steps else None
-    if status == "done":  # skipped (converged) images made it shorter than planned
+    if status == "done":  # what actually ran
         total = done
     return Progress(
         done=done,
@@ -85,7 +113,27 @@ def progress(steps: list[dict[str, Any]], config: dict[str, Any], n_images: int,
         step_s=step_s,
         eta_s=eta,
         status=status,
+        planned=planned,
+        converged=len(converged or {}) if skip else 0,
     )
+
+
+def plan_note(p: Progress, config: dict[str, Any]) -> str:
+    """Why the run takes (or took) fewer steps than planned, and what that did to the
+    learning-rate schedule (it is planned over all `planned` steps), or ""."""
+    if p.planned <= p.total or p.status in ("stopped", "failed", "interrupted"):
+        return ""
+    text = (
+        f"{p.planned} steps were planned; {p.converged} image(s) converged (all rollouts "
+        f"agreed) and are skipped in later rounds"
+    )
+    schedule = config.get("optim", {}).get("schedule", "constant")
+    if schedule != "constant":
+        text += (
+            f", so the {schedule} learning-rate schedule, laid out over {p.planned} steps, "
+            f"stops at step {p.total} before it fully decays"
+        )
+    return text + "."
 
 
 def clock(seconds: float | None) -> str:
@@ -116,8 +164,10 @@ def phase_text(p: Progress, has_before: bool, has_after: bool) -> str:
     return p.status
 
 
-def progress_html(p: Progress, phase: str, elapsed_s: float | None = None) -> str:
-    """A progress bar with "Step x / y", round, elapsed and ETA (elem ids for tests)."""
+def progress_html(p: Progress, phase: str, elapsed_s: float | None = None,
+                  note: str = "") -> str:  # fmt: skip
+    """A progress bar with "Step x / y", round, elapsed and ETA (elem ids for tests), and
+    `note` (e.g. `plan_note`) in small print below."""
     pct = round(100 * p.fraction)
     bits = [f"<b class='ttrv-steps'>Step {p.done} / {p.total}</b>"]
     if p.round is not None:
@@ -132,8 +182,44 @@ def progress_html(p: Progress, phase: str, elapsed_s: float | None = None) -> st
         f"<div class='ttrv-progress' data-done='{p.done}' data-total='{p.total}' "
         f"data-status='{html.escape(p.status)}'>"
         f"<div class='ttrv-bar'><div style='width:{pct}%'></div></div>"
-        f"<div>{' · '.join(bits)} · <i>{html.escape(phase)}</i></div></div>"
+        f"<div>{' · '.join(bits)} · <i>{html.escape(phase)}</i></div>"
+        + (f"<div class='ttrv-plan'><small>{html.escape(note)}</small></div>" if note else "")
+        + "</div>"
     )
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def run_headline(session: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    """A finished run in one line: status and steps, accuracy before -> after (labelled
+    images), answers changed, and what the guard did; "" while it is active."""
+    status = session["status"]
+    if status in ACTIVE:
+        return ""
+    h = session["headline"]
+    parts = [f"**Run {status}** after {h.get('steps') or 0} steps"]
+    if h.get("accuracy_before") is not None or h.get("accuracy_after") is not None:
+        parts.append(
+            f"accuracy **{_pct(h.get('accuracy_before'))} → {_pct(h.get('accuracy_after'))}** "
+            f"({h.get('labelled')} labelled images; labels only score, never train)"
+        )
+    if h.get("compared"):
+        parts.append(f"**{h.get('flipped')} of {h['compared']}** answers changed")
+    rollbacks = [e["data"] for e in events
+                 if e["kind"] == "guard" and e["data"].get("action") == "rollback"]  # fmt: skip
+    if rollbacks:
+        d = rollbacks[-1]
+        parts.append(
+            f"guard: **rolled back** at step {d.get('step')} ({d.get('reason')}); the "
+            "adapter is the last healthy one"
+        )
+    elif session.get("config", {}).get("guard", {}).get("guard", True):
+        parts.append("guard: no rollback")
+    else:
+        parts.append("guard: off")
+    return " · ".join(parts)
 
 
 # -- curves ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The images chosen for the next session, before it exists ("the draft"); pure logic.
 
 A draft is a list of dicts, one per image: image_id (sha256 of the file bytes), name,
-path (the original file), thumb (a small PNG for the gallery), label, question, options.
-It lives in the browser tab's `gr.State`; `to_store_items` hands it to
+path (the original file), thumb (a small PNG for the gallery), label, question, options,
+size (original [width, height]) and unlike (why it does not look like the bundled model's
+training digits, see `ttrv.digits.unlike_training_digits`). It lives in the browser tab's `gr.State`; `to_store_items` hands it to
 `Store.add_images` when a session is created.
 
 Uploads may be image files, zip archives (extracted with member names checked; class
@@ -19,6 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
+from ttrv.digits import unlike_training_digits
 from ttrv.images import ImageError, load_items, read_labels_csv
 
 THUMB_PX = 128
@@ -157,6 +161,11 @@ def add_files(
         thumb = thumbs / f"{item.image_id}.png"
         if not thumb.exists():
             item.image.save(thumb)
+        try:  # the original size (item.image may be shrunk); reads the header only
+            with Image.open(item.meta["path"]) as original:
+                size = original.size
+        except OSError:
+            size = item.image.size
         known[item.image_id] = item.name
         added.append(
             {
@@ -167,6 +176,9 @@ def add_files(
                 "label": item.label,
                 "question": item.question,
                 "options": item.options,
+                "size": list(size),
+                # how it differs from the bundled digits model's training data ([]: it does not)
+                "unlike": unlike_training_digits(item.image, size),
             }
         )
     if added:
@@ -244,4 +256,23 @@ def to_store_items(draft: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {k: d.get(k) for k in ("image_id", "name", "path", "label", "question", "options")}
         for d in draft
+    ]
+
+
+def from_session(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A draft holding a stored session's images (`Store.images` rows), so that a reload
+    shows the images of the run it re-attaches to; `unlike` is left to be computed."""
+    return [
+        {
+            "image_id": r["image_id"],
+            "name": r["name"],
+            "path": r["path"],
+            "thumb": r.get("thumb") or r["path"],
+            "label": r.get("label"),
+            "question": r.get("question"),
+            "options": r.get("options"),
+            "size": [r["width"], r["height"]] if r.get("width") else None,
+        }
+        for r in images
+        if r.get("path")  # images known only from the engine's run_start have no file
     ]

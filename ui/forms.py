@@ -103,17 +103,21 @@ def build_section(
     section: str,
     *,
     exclude: Iterable[str] = (),
+    only: Iterable[str] | None = None,
     overrides: dict[str, Factory] | None = None,
     columns: int = 2,
 ) -> dict[str, gr.components.Component]:
     """Render the fields of one config section (in rows of `columns`); {key: component}.
 
     `overrides[name](field, common)` builds a field's component itself (e.g. the model
-    picker); it still gets the derived label/info/elem_id in `common`.
+    picker); it still gets the derived label/info/elem_id in `common`. `only` keeps just
+    the named fields, `exclude` drops some.
     """
     overrides = overrides or {}
     skip = set(exclude)
-    fields = [f for f in dataclasses.fields(SECTIONS[section]) if f.name not in skip]
+    keep = None if only is None else set(only)
+    fields = [f for f in dataclasses.fields(SECTIONS[section])
+              if f.name not in skip and (keep is None or f.name in keep)]  # fmt: skip
     out: dict[str, gr.components.Component] = {}
     for start in range(0, len(fields), columns):
         with gr.Row():

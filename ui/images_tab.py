@@ -7,6 +7,7 @@ Labels (from a CSV or class folder names) are optional and used only for evaluat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -29,6 +30,18 @@ def report(messages: list[str]) -> str:
 
 def views(new: list[dict[str, Any]]) -> tuple[Any, ...]:
     return drafts.gallery(new), drafts.summary(new), drafts.table(new)
+
+
+def demo_files(demo_dir: Path) -> tuple[list[str], str | None]:
+    """The demo images and their labels CSV (None when absent)."""
+    if not demo_dir.is_dir():
+        raise FileNotFoundError(
+            f"The demo images are missing ({demo_dir}); build them with "
+            "`python scripts/make_demo_model.py`."
+        )
+    csv = demo_dir / "labels.csv"
+    images = sorted(p for p in demo_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [str(p) for p in images], str(csv) if csv.is_file() else None
 
 
 def build(ctx: Context) -> dict[str, Any]:
@@ -60,6 +73,7 @@ def build(ctx: Context) -> dict[str, Any]:
         add_local = gr.Button("Add", scale=0)
     status = gr.Markdown(elem_id="images-status")
     summary = gr.Markdown(drafts.summary([]), elem_id="images-summary")
+    ctx.parts["images_domain"] = gr.Markdown(elem_id="images-domain")  # see ui.adapt_tab
     gallery = gr.Gallery(
         label="Images (click one, then Remove)",
         columns=8,
@@ -83,11 +97,13 @@ def build(ctx: Context) -> dict[str, Any]:
         )
         return (new, *views(new), report(messages))
 
-    @guarded(outputs=5, status=4)
+    @guarded(outputs=6, status=4)
     def add_uploads(current: list, paths: list[str] | None, csv: str | None) -> tuple:
+        # The upload box is emptied after each drop: a box that keeps its files re-sends
+        # them with the next drop (every earlier note repeated) and stops opening a dialog.
         if not paths:
-            return (gr.skip(),) * 4 + ("",)
-        return add(current, paths, csv, False)
+            return (gr.skip(),) * 4 + ("", gr.skip())
+        return (*add(current, paths, csv, False), None)
 
     @guarded(outputs=5, status=4)
     def add_paths(current: list, text: str, csv: str | None, by_folder: bool) -> tuple:
@@ -98,14 +114,8 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @guarded(outputs=5, status=4)
     def load_demo(current: list) -> tuple:
-        if not ctx.demo_dir.is_dir():
-            raise FileNotFoundError(
-                f"The demo images are missing ({ctx.demo_dir}); build them with "
-                "`python scripts/make_demo_model.py`."
-            )
-        csv = ctx.demo_dir / "labels.csv"
-        images = sorted(p for p in ctx.demo_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        return add(current, [str(p) for p in images], str(csv) if csv.is_file() else None, False)
+        images, csv = demo_files(ctx.demo_dir)
+        return add(current, images, csv, False)
 
     @guarded(outputs=5, status=4)
     def apply_labels(current: list, csv: str | None) -> tuple:
@@ -125,8 +135,10 @@ def build(ctx: Context) -> dict[str, Any]:
     def pick(evt: gr.SelectData) -> int:
         return evt.index
 
-    files.upload(add_uploads, [ctx.draft, files, labels_csv], outputs, api_name="add_files")
-    folder.upload(add_uploads, [ctx.draft, folder, labels_csv], outputs, api_name="add_folder")
+    files.upload(add_uploads, [ctx.draft, files, labels_csv], [*outputs, files],
+                 api_name="add_files")  # fmt: skip
+    folder.upload(add_uploads, [ctx.draft, folder, labels_csv], [*outputs, folder],
+                  api_name="add_folder")  # fmt: skip
     add_local.click(add_paths, [ctx.draft, local, labels_csv, folder_labels], outputs,
                     api_name="add_paths")  # fmt: skip
     demo_btn.click(load_demo, [ctx.draft], outputs, api_name="load_demo")

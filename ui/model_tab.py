@@ -1,4 +1,4 @@
-"""Model tab: which model (bundled, local folder, cached or hub id), quantisation, LoRA.
+"""Model tab: how the model is loaded (quantisation, dtype, device), LoRA, and its card.
 
 "Load model" submits a `load_model` job and polls it: the adaptation loads the same model
 itself, so loading here is a check (does it load, how big is it, where does it run) that
@@ -7,7 +7,6 @@ also saves the time later.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,10 @@ from sessions import jobs
 from ttrv.config import BUNDLED_MODEL, LoraConfig, ModelConfig
 
 from . import forms
+from .model_card import card_markdown, hf_cache_dir
 from .state import Context, error, guarded, info, ok
 
 POLL_S = 1.0
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, as huggingface_hub resolves it (without importing it)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = (
-        os.environ.get("HF_HOME")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -56,7 +45,8 @@ def model_choices() -> list[tuple[str, str]]:
     return out
 
 
-def _model_picker(f: Any, common: dict[str, Any]) -> gr.Dropdown:
+def model_picker(f: Any, common: dict[str, Any]) -> gr.Dropdown:
+    """The model field: a dropdown of known models that also takes a typed hub id or path."""
     common = {**common, "info": common["info"] + " Type a hub id or a folder path to add one."}
     return gr.Dropdown(
         model_choices(), value=f.default, allow_custom_value=True, filterable=True, **common
@@ -97,19 +87,21 @@ def job_text(job: dict[str, Any] | None) -> str:
     )
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> dict[str, Any]:
     gr.Markdown(
-        "Pick an image-text-to-text model: the bundled demo model, a local folder, or a "
-        "Hugging Face hub id. Only the LoRA weights of the language model are trained."
+        "The model itself is picked at the top of the **Adapt** tab (the bundled demo model, "
+        "a local folder, or a Hugging Face hub id). Here: how it is loaded, and the LoRA "
+        "adapter. Only the LoRA weights of the language model are trained."
     )
-    model_form = forms.build_section("model", overrides={"model": _model_picker}, columns=3)
+    card = gr.Markdown(elem_id="model-tab-card")
+    model_form = forms.build_section("model", exclude=("model",), columns=3)
     with gr.Accordion("LoRA", open=False):
         lora_form = forms.build_section("lora", columns=4)
     ctx.forms.update(model_form)
     ctx.forms.update(lora_form)
     with gr.Row():
         load_btn = gr.Button("Load model", variant="primary", elem_id="load-model", scale=0)
-        refresh_btn = gr.Button("↻ Refresh list", scale=0, size="sm")
+        refresh_btn = gr.Button("↻ Refresh model list", scale=0, size="sm")
     status = gr.Markdown(elem_id="model-status")
     job_id = gr.State(None)
     timer = gr.Timer(POLL_S, active=False)
@@ -141,10 +133,16 @@ def build(ctx: Context) -> None:
     def refresh_list(current: str) -> Any:
         return gr.Dropdown(choices=model_choices(), value=current)
 
-    model_inputs = {**model_form, **lora_form}
-    load_btn.click(load, None, [status, job_id, timer], inputs_kwargs=model_inputs,
-                   api_name="load_model")  # fmt: skip
+    def wire() -> None:
+        # The model field is built by the Adapt tab (the first screen): wired once all exist.
+        picker = ctx.forms["model__model"]
+        model_inputs = {k: v for k, v in ctx.forms.items() if k.startswith(("model__", "lora__"))}
+        load_btn.click(load, None, [status, job_id, timer], inputs_kwargs=model_inputs,
+                       api_name="load_model")  # fmt: skip
+        refresh_btn.click(refresh_list, picker, picker, api_visibility="private")
+        picker.change(card_markdown, picker, card, api_visibility="private")
+        ctx.on_load(card_markdown, [picker], [card])
+
     timer.tick(poll, job_id, [status, timer], show_progress="hidden", api_visibility="private")
-    refresh_btn.click(refresh_list, model_form["model__model"], model_form["model__model"],
-                      api_visibility="private")  # fmt: skip
     ctx.on_load(last_load, [], [status])
+    return {"wire": wire}

@@ -47,6 +47,9 @@ class Context:
     header: Any = None  # the Markdown naming the current session
     # Events that set `session`; the workbench chains every refresher after each.
     session_events: list[Any] = field(default_factory=list)
+    # Components one tab shows and another tab's events update, by name.
+    parts: dict[str, Any] = field(default_factory=dict)
+    tabs: Any = None  # the gr.Tabs, so that a page load can select the running run's tab
 
     def on_session_change(
         self, fn: Callable, inputs: list, outputs: list, then: tuple | None = None

@@ -33,6 +33,13 @@ PRESETS: dict[str, tuple[str, str]] = {
 EXAMPLE_QUESTIONS = {q for _, q in PRESETS.values()}
 
 
+def apply_preset(name: str, current_question: str) -> tuple[Any, Any]:
+    """(task kind, question) for a preset; a question the user typed is kept."""
+    new_kind, example = PRESETS[name]
+    keep = current_question and current_question not in EXAMPLE_QUESTIONS
+    return new_kind, gr.skip() if keep else example
+
+
 @functools.lru_cache(maxsize=4)
 def cached_processor(source: str, trust_remote_code: bool) -> Any:
     """The processor of a model (no weights). Raises ttrv.loading.ModelLoadError."""
@@ -112,11 +119,6 @@ def build(ctx: Context) -> dict[str, Any]:
 
     kind, question = task_form["task__kind"], task_form["task__question"]
 
-    def apply_preset(name: str, current_question: str) -> tuple[Any, Any]:
-        new_kind, example = PRESETS[name]
-        keep = current_question and current_question not in EXAMPLE_QUESTIONS
-        return new_kind, gr.skip() if keep else example
-
     @guarded(outputs=2, status=1, warn=False)
     def show(draft: list, image_id: str | None, sample: str, **values: Any) -> tuple[str, str]:
         cfg = forms.config_from_values(values)
@@ -138,22 +140,27 @@ def build(ctx: Context) -> dict[str, Any]:
         new, messages = drafts.apply_csv(draft, csv)
         return new, ok("Applied.") + "\n\n" + bullet_list(messages)
 
-    preview_inputs = {k: v for k, v in ctx.forms.items() if k.startswith(("task__", "model__"))}
-    preview_args = ([ctx.draft, image_pick, response], [prompt_box, parsed])
-    preview_btn.click(show, *preview_args, inputs_kwargs=preview_inputs, api_name="preview")
-    # The preview follows the task: after a preset, a new image, or an edited field.
-    preset.input(apply_preset, [preset, question], [kind, question], api_name="task_preset").then(
-        show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private"
-    )
-    for trigger in (
-        image_pick.change,
-        response.submit,
-        kind.input,
-        *(c.blur for k, c in task_form.items() if isinstance(c, gr.Textbox)),
-    ):
-        trigger(show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private")
+    def wire() -> None:
+        # Wired once every tab is built: the model fields live on the Adapt and Model tabs.
+        preview_inputs = {k: v for k, v in ctx.forms.items()
+                          if k.startswith(("task__", "model__"))}  # fmt: skip
+        preview_args = ([ctx.draft, image_pick, response], [prompt_box, parsed])
+        preview_btn.click(show, *preview_args, inputs_kwargs=preview_inputs, api_name="preview")
+        # The preview follows the task: after a preset, a new image, or an edited field.
+        preset.input(apply_preset, [preset, question], [kind, question],
+                     api_name="task_preset").then(
+            show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private"
+        )  # fmt: skip
+        for trigger in (
+            image_pick.change,
+            response.submit,
+            kind.input,
+            *(c.blur for k, c in task_form.items() if isinstance(c, gr.Textbox)),
+        ):
+            trigger(show, *preview_args, inputs_kwargs=preview_inputs, api_visibility="private")
+
     ctx.draft.change(image_choices, [ctx.draft, image_pick], image_pick,
                      api_visibility="private")  # fmt: skip
     questions_csv.upload(apply_questions, [ctx.draft, questions_csv], [ctx.draft, csv_status],
                          api_name="apply_questions")  # fmt: skip
-    return {"on_select": (image_choices, [ctx.draft, image_pick], image_pick)}
+    return {"on_select": (image_choices, [ctx.draft, image_pick], image_pick), "wire": wire}

@@ -25,7 +25,7 @@ from . import (
     sessions_tab,
     task_tab,
 )
-from .state import Context, header_text, pick_session
+from .state import ACTIVE, Context, header_text, pick_session
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "demo" / "digits"
@@ -45,11 +45,13 @@ CSS = """
 .ttrv-info { color: #2563eb; font-weight: bold; }
 """
 
+# The first tab is the whole first-run path (model, images, task, Start, progress); the
+# others hold the details of each step and what comes after a run.
 TABS = (
-    ("Model", model_tab),
+    ("Adapt", adapt_tab),
     ("Images", images_tab),
     ("Task", task_tab),
-    ("Adapt", adapt_tab),
+    ("Model", model_tab),
     ("Inspect", inspect_tab),
     ("Sessions", sessions_tab),
     ("Ask", ask_tab),
@@ -72,7 +74,8 @@ def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
             draft=gr.State([]),
             header=header,
         )
-        with gr.Tabs():
+        wires = []
+        with gr.Tabs(selected="adapt") as ctx.tabs:
             for title, module in TABS:
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     built = module.build(ctx) or {}
@@ -81,12 +84,22 @@ def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
                     event = tab.select(fn, inputs, outputs, api_visibility="private")
                     if "then" in built:
                         event.then(*built["then"], api_visibility="private")
+                if "wire" in built:
+                    wires.append(built["wire"])
+        for wire in wires:  # events that use components of tabs built after their own
+            wire()
 
-        def attach() -> tuple[str | None, str]:
+        def attach() -> tuple[str, Any, list, Any]:
+            """A page (re)load lands on the run in progress, else the newest session, with
+            that session's images as the draft (they are gone from a fresh page)."""
             sid = pick_session(store)
-            return sid, header_text(store, sid)
+            images = store.images(sid) if sid else []
+            active = bool(sid) and store.get_session(sid)["status"] in ACTIVE
+            return (header_text(store, sid), sid, draft.from_session(images),
+                    gr.Tabs(selected="adapt") if active else gr.skip())  # fmt: skip
 
-        loaded = demo.load(attach, None, [ctx.session, header], api_name="attach")
+        loaded = demo.load(attach, None, [header, ctx.session, ctx.draft, ctx.tabs],
+                           api_name="attach")  # fmt: skip
         for event in [loaded, *ctx.session_events]:
             for fn, inputs, outputs, then in ctx.refreshers:
                 follow = event.then(fn, inputs, outputs, api_visibility="private")
