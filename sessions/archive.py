@@ -70,6 +70,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TABLES = ("sessions", "images", *SESSION_TABLES)
 CSV_TABLES = ("steps", "rollouts", "answers")
+# Tables newer than the archive format: an archive exported before them simply has none.
+ADDED_LATER = ("reviews",)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Import limits. JSON members (the manifest and the tables) are parsed in memory, so they
@@ -644,7 +646,13 @@ def import_archive(store: Store, path: str | os.PathLike[str]) -> str:
     with zf:
         _check_members(zf, path)
         manifest = _check_manifest(zf, path)
-        tables = {t: _load_json(zf, path, f"tables/{t}.json") for t in TABLES}
+        names = set(zf.namelist())
+        tables = {
+            t: []
+            if t in ADDED_LATER and f"tables/{t}.json" not in names
+            else _load_json(zf, path, f"tables/{t}.json")
+            for t in TABLES
+        }
         with store._read("reading the schema") as db:
             columns = {t: db[t].columns for t in TABLES}
         _check_rows(path, tables, columns)

@@ -135,3 +135,19 @@ def test_cli_reviewer_reverts_a_harmful_run(tiny_model_dir, tmp_path):
     out = play_review(model, result, items, cfg, 2, tmp_path / "keep")
     assert out["applied"] == "keep" and result.after == after
     assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_an_archive_from_before_reviews_still_imports(reviewed, tmp_path):
+    import zipfile
+
+    store, sid = reviewed
+    archive = store.export_session(sid, tmp_path / "out.zip")
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(old, "w") as dst:
+        for info in src.infolist():
+            if info.filename != "tables/reviews.json":
+                dst.writestr(info, src.read(info.filename))
+    with Store(tmp_path / "other") as other:
+        new = other.import_archive(old)
+        assert other.review_marks(new) == {}
+        assert len(other.answers(new)) == 6

@@ -1,0 +1,192 @@
+"""How well does each label-free signal detect harm? Catch and false-alarm rates.
+
+    python -m bench.signals bench/results/tune-watch.json            # choose on validation
+    python -m bench.signals VAL.json --apply TEST.json [TEST2.json]  # report on test
+
+Every stored run of `bench.benchmark` (trained with the guard off, per-round greedy answers
+kept for the adapted images and the watch pool) gives one *check* per round. A check is
+*harmful* when the weights at that round score more than 1 point below the unadapted model
+on the held-out images (labels used here only, to judge the signals). Each signal is a
+number computed without labels at that check (`ttrv.guard.signals`, both watched sets);
+a detector fires when it exceeds a threshold. The threshold of each signal is chosen on the
+validation file alone (best catch rate minus false-alarm rate, false alarms at most 25%),
+then applied unchanged to the test files.
+
+KL is not among the signals: every benchmark variant trains with beta = 0, so no run
+measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+HARM = -0.01  # more than 1 point down on held-out greedy accuracy
+MAX_FALSE_ALARM = 0.25
+
+
+def _items(cache: dict, split: str, seed: int) -> list[Any]:
+    from ttrv.digits import digit_items
+
+    if (split, seed) not in cache:
+        cache[(split, seed)] = digit_items(split, "multiple_choice", seed=seed)
+    return cache[(split, seed)]
+
+
+def _drop(base: float | None, now: float | None) -> float | None:
+    if base is None or now is None or not base:
+        return None
+    return 1 - now / base
+
+
+def run_checks(record: dict[str, Any], task: Any, items: list[Any]) -> list[dict[str, Any]]:
+    """One dict per round: `delta` (held-out greedy accuracy change), `harm`, and the
+    signal values (None where a signal does not apply)."""
+    from ttrv.adapt import greedy_signals
+
+    adapted = [items[p] for p in record["adapted_positions"]]
+    watch = [items[p] for p in record.get("watch_positions", [])]
+
+    def answers(its: list[Any], xs: list[str]) -> list[dict[str, str]]:
+        return [{"image_id": it.image_id, "answer": x} for it, x in zip(its, xs, strict=True)]
+
+    before = answers(adapted, record["before"]) + answers(watch, record.get("before_watch", []))
+    sets = {"adapted": adapted, "watch": watch}
+    by_before = {a["image_id"]: a for a in before}
+    base = {
+        k: greedy_signals(task, its, [by_before[it.image_id] for it in its])
+        for k, its in sets.items()
+        if its
+    }
+    votes = record.get("votes") or None
+    traj = record["trajectory"]
+    base_acc = traj["0"]["heldout"]["greedy_acc"]
+    out = []
+    for k, r in enumerate(record["rounds"], start=1):
+        now_answers = answers(adapted, r["answers"]) + answers(watch, r.get("answers_watch", []))
+        by_now = {a["image_id"]: a for a in now_answers}
+        now = {
+            name: greedy_signals(task, its, [by_now[it.image_id] for it in its], before, votes)
+            for name, its in sets.items()
+            if its
+        }
+        delta = traj[str(k)]["heldout"]["greedy_acc"] - base_acc
+        row: dict[str, Any] = {"round": k, "delta": delta, "harm": delta < HARM}
+        for name in now:
+            b, n = base[name], now[name]
+            row[f"changed:{name}"] = n.changed_answers
+            row[f"unexplained:{name}"] = n.unexplained_flips
+            row[f"entropy_drop:{name}"] = _drop(b.marginal_entropy, n.marginal_entropy)
+            row[f"letter_drop:{name}"] = _drop(b.position_entropy, n.position_entropy)
+            # without a reference: how concentrated the letters are now (1 = one letter)
+            row[f"letter_concentration:{name}"] = (
+                None if n.position_entropy is None else 1 - n.position_entropy / math.log(4)
+            )
+            row[f"invalid_rise:{name}"] = n.invalid_rate - b.invalid_rate
+        out.append(row)
+    return out
+
+
+def collect(path: Path) -> list[dict[str, Any]]:
+    """Every check of every adapted run in a benchmark result file."""
+    from ttrv.config import TaskConfig
+
+    payload = json.loads(path.read_text())
+    cache: dict = {}
+    rows = []
+    for r in payload["runs"]:
+        if "baseline" in r or "rounds" not in r or "trajectory" not in r:
+            continue
+        cfg = payload["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]
+        task = TaskConfig(**cfg["task"])
+        for check in run_checks(r, task, _items(cache, r["split"], r["seed"])):
+            rows.append({"model": r["model"], "variant": r["variant"], **check})
+    return rows
+
+
+def rates(rows: list[dict[str, Any]], key: str, threshold: float) -> tuple[float, float, int, int]:
+    """(catch rate, false-alarm rate, harmful checks, harmless checks) of `key > threshold`
+    over the checks where the signal applies."""
+    have = [r for r in rows if r.get(key) is not None]
+    harm = [r for r in have if r["harm"]]
+    fine = [r for r in have if not r["harm"]]
+    catch = sum(r[key] > threshold for r in harm) / len(harm) if harm else math.nan
+    alarm = sum(r[key] > threshold for r in fine) / len(fine) if fine else math.nan
+    return catch, alarm, len(harm), len(fine)
+
+
+GRID = [i / 100 for i in range(0, 100)]
+
+
+def choose(rows: list[dict[str, Any]], key: str) -> float | None:
+    best, best_t = -math.inf, None
+    for t in GRID:
+        catch, alarm, n_harm, n_fine = rates(rows, key, t)
+        if not n_harm or math.isnan(catch) or (n_fine and alarm > MAX_FALSE_ALARM):
+            continue
+        score = catch - (alarm if n_fine else 0.0)
+        if score > best:
+            best, best_t = score, t
+    return best_t
+
+
+def keys(rows: Iterable[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in rows for k in r if ":" in k})
+
+
+def table(
+    val: list[dict[str, Any]],
+    tests: dict[str, list[dict[str, Any]]],
+    fmt: Callable = "{:.0%}".format,
+) -> str:
+    lines = [
+        "| signal (set) | threshold (val) | val: catch / false alarm | "
+        + " | ".join(f"{name}: catch / false alarm" for name in tests)
+        + " |",
+        "|" + "---|" * (3 + len(tests)),
+    ]
+    for key in keys(val):
+        t = choose(val, key)
+        if t is None:
+            cells = [key, "-", _cell(rates(val, key, 1.0), fmt, na=True)]
+            cells += ["-" for _ in tests]
+        else:
+            cells = [key, f"> {t:.2f}", _cell(rates(val, key, t), fmt)]
+            cells += [_cell(rates(rows, key, t), fmt) for rows in tests.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(r: tuple[float, float, int, int], fmt: Callable, na: bool = False) -> str:
+    catch, alarm, n_harm, n_fine = r
+    if na:
+        return f"no threshold with <= {MAX_FALSE_ALARM:.0%} false alarms ({n_harm} / {n_fine})"
+    c = "-" if math.isnan(catch) else fmt(catch)
+    a = "-" if math.isnan(alarm) else fmt(alarm)
+    return f"{c} / {a} ({n_harm} / {n_fine})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.signals", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("val", type=Path, help="benchmark JSON on the validation split (--tune)")
+    ap.add_argument("--apply", type=Path, nargs="*", default=[], help="test-split JSON files")
+    args = ap.parse_args(argv)
+    val = collect(args.val)
+    tests = {p.stem: collect(p) for p in args.apply}
+    print(
+        f"Checks (one per run and round): validation {len(val)} "
+        f"({sum(r['harm'] for r in val)} harmful); "
+        + "; ".join(f"{k} {len(v)} ({sum(r['harm'] for r in v)} harmful)" for k, v in tests.items())
+    )
+    print("Cells: catch rate / false-alarm rate (harmful checks / harmless checks).\n")
+    print(table(val, tests))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
