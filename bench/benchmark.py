@@ -406,9 +406,13 @@ class Worker:
             watch=pool, votes=recorder.votes,
         )  # fmt: skip
         record["guarded"] = {**rep, "metrics": at_round(rep["round"], True)}
-        record["review"] = play_reviews(base_eval, evals[rep["round"]], items, cfg.task, job.seed)
         if job.trajectory:
             record["trajectory"] = {str(r): at_round(r, False) for r in range(n_rounds + 1)}
+        # Every image's greedy answer at each evaluated round: reviews replay offline.
+        record["greedy"] = {str(r): list(e.greedy) for r, e in evals.items()}
+        record["review"] = play_reviews(
+            base_eval.greedy, evals[rep["round"]].greedy, items, cfg.task, job.seed
+        )
         load_adapter_state(model, final_weights)
         record["seconds_eval"] = time.perf_counter() - t2
         record["seconds"] = time.perf_counter() - t0
@@ -418,7 +422,9 @@ class Worker:
 REVIEW_SIZES = (10, 20)
 
 
-def play_reviews(base: Any, end: Any, items: list[Any], task: Any, seed: int) -> dict[str, Any]:
+def play_reviews(
+    base: list[str], end: list[str], items: list[Any], task: Any, seed: int
+) -> dict[str, Any]:
     """The flip review played on a (guarded) run, as `python -m ttrv adapt --review N` plays
     it: every image of the split is answered before and after; a reviewer who knows the
     labels marks the first N flips in the seeded review order; the verdict keeps the run or
@@ -430,8 +436,8 @@ def play_reviews(base: Any, end: Any, items: list[Any], task: Any, seed: int) ->
     labels = [canonical_label(it.label, task) for it in items]
     ids = [str(i) for i in range(len(items))]
     before, after = (
-        dict(zip(ids, base.greedy, strict=True)),
-        dict(zip(ids, end.greedy, strict=True)),
+        dict(zip(ids, base, strict=True)),
+        dict(zip(ids, end, strict=True)),
     )
     flipped = flips(before, after)
     order = review_order(flipped, seed)
@@ -1476,6 +1482,14 @@ def replay_engine_guard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         decided = replay_record(r, guard)
         decided.pop("metrics")  # `outcome` finds them (final weights or a stored round)
         r = {**r, "config": {**r["config"], "guard": guard}, "guarded": decided}
+        if "greedy" in r and str(decided["round"]) in r["greedy"]:
+            from ttrv.config import TaskConfig
+            from ttrv.digits import digit_items
+
+            items = digit_items(r["split"], "multiple_choice", seed=r["seed"])
+            g = r["greedy"]
+            task = TaskConfig(**r["config"]["task"])
+            r["review"] = play_reviews(g["0"], g[str(decided["round"])], items, task, r["seed"])
         r.pop("guarded_proposed", None)  # an older file's replayed candidate guard
         out.append(r)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("val", type=Path, help="benchmark JSON on the validation split (--tune)")
     ap.add_argument("--apply", type=Path, nargs="*", default=[], help="test-split JSON files")
+    ap.add_argument(
+        "--guards", action="store_true", help="also replay GUARD_GRID and choose a guard on val"
+    )
     args = ap.parse_args(argv)
     val = collect(args.val)
     tests = {p.stem: collect(p) for p in args.apply}
@@ -185,7 +189,137 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("Cells: catch rate / false-alarm rate (harmful checks / harmless checks).\n")
     print(table(val, tests))
+    if args.guards:
+        md, chosen = guard_table(precompute(args.val))
+        print(f"\nWhole guards replayed on {args.val.name} (best first by the rule):\n")
+        print(md)
+        print(f"\nChosen on validation: {chosen}")
+        for p in args.apply:
+            runs = precompute(p)
+            ends = guard_outcomes(runs, chosen)
+            for m in sorted({r["model"] for r in runs}):
+                e = [x for x, r in zip(ends, runs, strict=True) if r["model"] == m]
+                print(
+                    f"{p.stem} {m}: mean {100 * statistics.fmean(e):+.1f}, "
+                    f"{sum(x < -0.01 for x in e)}/{len(e)} runs < -1, "
+                    f"{sum(x < -0.02 for x in e)}/{len(e)} < -2, worst {100 * min(e):+.1f}"
+                )
     return 0
+
+
+# -- whole guards, replayed -----------------------------------------------------------------
+
+
+def precompute(path: Path) -> list[dict[str, Any]]:
+    """Per run: the signals of each watched set before and at each round, and the held-out
+    greedy delta at each round (round 0 = unadapted), for replaying many guards cheaply."""
+    from ttrv.adapt import greedy_signals
+    from ttrv.config import TaskConfig
+
+    payload = json.loads(path.read_text())
+    cache: dict = {}
+    out = []
+    for r in payload["runs"]:
+        if "baseline" in r or "rounds" not in r or "trajectory" not in r:
+            continue
+        cfg = payload["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]
+        task = TaskConfig(**cfg["task"])
+        items = _items(cache, r["split"], r["seed"])
+        adapted = [items[p] for p in r["adapted_positions"]]
+        watch = [items[p] for p in r.get("watch_positions", [])]
+        sets = {k: v for k, v in {"adapted": adapted, "watch": watch}.items() if v}
+
+        def answers(its: list[Any], xs: list[str]) -> list[dict[str, str]]:
+            return [{"image_id": it.image_id, "answer": x} for it, x in zip(its, xs, strict=True)]
+
+        before = answers(adapted, r["before"]) + answers(watch, r.get("before_watch", []))
+        by_before = {a["image_id"]: a for a in before}
+        base = {
+            k: greedy_signals(task, its, [by_before[it.image_id] for it in its])
+            for k, its in sets.items()
+        }
+        rounds = []
+        for rd in r["rounds"]:
+            now = answers(adapted, rd["answers"]) + answers(watch, rd.get("answers_watch", []))
+            by_now = {a["image_id"]: a for a in now}
+            rounds.append(
+                {
+                    k: greedy_signals(
+                        task, its, [by_now[it.image_id] for it in its], before, r.get("votes")
+                    )
+                    for k, its in sets.items()
+                }
+            )
+        traj = r["trajectory"]
+        deltas = [
+            traj[str(k)]["heldout"]["greedy_acc"] - traj["0"]["heldout"]["greedy_acc"]
+            for k in range(len(rounds) + 1)
+        ]
+        out.append({"model": r["model"], "setting": r["setting"], "base": base,
+                    "rounds": rounds, "deltas": deltas})  # fmt: skip
+    return out
+
+
+def guard_outcomes(runs: list[dict[str, Any]], guard: dict[str, Any]) -> list[float]:
+    """The held-out greedy delta each run ends with under `guard` (GuardConfig fields)."""
+    from ttrv.config import GuardConfig
+    from ttrv.guard import replay
+
+    cfg = GuardConfig(**guard)
+    ends = []
+    for run in runs:
+        rep = replay(run["base"], list(enumerate(run["rounds"], start=1)), cfg)
+        ends.append(run["deltas"][rep["step"]])
+    return ends
+
+
+GUARD_GRID = [
+    {
+        "max_marginal_entropy_drop": d,
+        "max_invalid_rise": i,
+        "max_changed_answers": c,
+        "max_unexplained_flips": u,
+        "healthy_margin": m,
+    }
+    for d in (0.02, 0.05, 0.1)
+    for i in (0.05, 0.1)
+    for c in (0.05, 0.1, 0.15)
+    for u in (0.02, 0.05, 0.1, 1.0)
+    for m in (0.5, 0.75)
+]
+
+
+def guard_table(runs: list[dict[str, Any]], top: int = 12) -> tuple[str, dict[str, Any]]:
+    """Every guard of GUARD_GRID replayed on the runs; rule: fewest runs ending more than 1
+    point down, among guards keeping at least 90% of the off-format model's mean unguarded
+    gain; ties go to the higher mean over runs. Returns (markdown, chosen guard)."""
+    models = sorted({r["model"] for r in runs})
+    unguarded = {
+        m: statistics.fmean(r["deltas"][-1] for r in runs if r["model"] == m) for m in models
+    }
+    rows = []
+    for g in GUARD_GRID:
+        ends = guard_outcomes(runs, g)
+        per = {m: statistics.fmean(e for e, r in zip(ends, runs, strict=True) if r["model"] == m)
+               for m in models}  # fmt: skip
+        keeps = all(per[m] >= 0.9 * unguarded[m] for m in models if unguarded[m] > 0.01)
+        rows.append((g, sum(e < -0.01 for e in ends), sum(e < -0.02 for e in ends), per, keeps))
+    ok = [row for row in rows if row[4]] or rows
+    ok.sort(key=lambda row: (row[1], -statistics.fmean(row[3].values())))
+    lines = [
+        "| entropy drop | invalid rise | changed | unexplained | healthy margin | "
+        "runs < -1 | runs < -2 | " + " | ".join(f"{m}: mean Δ" for m in models) + " |",
+        "|" + "---|" * (7 + len(models)),
+    ]
+    for g, n1, n2, per, _ in ok[:top]:
+        lines.append(
+            f"| {g['max_marginal_entropy_drop']} | {g['max_invalid_rise']} | "
+            f"{g['max_changed_answers']} | {g['max_unexplained_flips']} | {g['healthy_margin']} | "
+            f"{n1}/{len(runs)} | {n2}/{len(runs)} | "
+            + " | ".join(f"{100 * per[m]:+.1f}" for m in models)
+            + " |"
+        )
+    return "\n".join(lines), ok[0][0]
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_replay_rolls_back_to_the_last_clearly_healthy_round_on_trip():
     assert "single answer" in out["reason"]
     calm = replay_guard(task, items, before, rounds[:2], loose)
     assert (calm["round"], calm["status"]) == (2, "done")
-    # the engine default (max_changed_answers 0.15) trips on round 1's changed answer
+    # the engine default (max_changed_answers 0.05) trips on round 1's changed answer
     strict = replay_guard(task, items, before, rounds, {"max_marginal_entropy_drop": 0.35})
     assert (strict["round"], strict["tripped_at"]) == (0, 1)
     assert "25% of the images" in strict["reason"]
@@ -159,7 +159,7 @@ def test_report_replays_the_current_engine_guard_on_stored_runs():
     (new,) = replay_engine_guard([record])
     assert new["guarded"]["status"] == "guard_stopped" and new["guarded"]["round"] == 0
     assert "100% of the images" in new["guarded"]["reason"]
-    assert new["config"]["guard"]["max_changed_answers"] == pytest.approx(0.15)
+    assert new["config"]["guard"]["max_changed_answers"] == pytest.approx(0.05)
     assert new["config"]["guard"]["max_marginal_entropy_drop"] == 0.5
     assert record["guarded"]["status"] == "done"  # the input is not modified
 

@@ -107,7 +107,7 @@ def test_off_format_model_learning_the_format_does_not_trip_the_changed_check():
 
 
 def test_max_changed_answers_is_validated_and_has_a_flag():
-    assert GuardConfig().max_changed_answers == pytest.approx(0.15)
+    assert GuardConfig().max_changed_answers == pytest.approx(0.05)
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="max_changed_answers"):
             GuardConfig(max_changed_answers=bad)
