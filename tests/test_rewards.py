@@ -11,8 +11,9 @@ import pytest
 
 import ttrv.rewards
 from ttrv.answers import INVALID
-from ttrv.config import RewardConfig
+from ttrv.config import RewardConfig, field_choices
 from ttrv.rewards import (
+    REWARDS,
     answer_entropy,
     entropy_reward,
     frequency_reward,
@@ -137,19 +138,69 @@ def test_random_reward_is_seeded_and_advances():
     assert totals(make_random_reward(6)(["7", "1", I])) != first
 
 
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [
-        ("ttrv", [-0.2097960, -0.2097960, -0.7097960, -0.7097960]),
-        ("ttrv_paper", [-0.25] * 4),
-        ("frequency", [0.5, 0.5, 0.0, 0.0]),
-        ("majority", [1.0, 1.0, 0.0, 0.0]),
-        ("entropy", [-HN_77II] * 4),
-    ],
-)
-def test_make_reward(kind, expected):
+# Every registered reward's totals on ["7", "7", I, I] with the default RewardConfig (seed 0).
+# A new reward in ttrv.rewards.REWARDS needs its line here: the test below fails without it.
+EXPECTED_77II = {
+    "ttrv": [-0.2097960, -0.2097960, -0.7097960, -0.7097960],
+    "ttrv_paper": [-0.25] * 4,
+    "frequency": [0.5, 0.5, 0.0, 0.0],
+    "majority": [1.0, 1.0, 0.0, 0.0],
+    "entropy": [-HN_77II] * 4,
+    "random": totals(make_random_reward(0)(["7", "7", I, I])),
+}
+
+
+def test_every_registered_reward_has_expected_totals():
+    assert set(EXPECTED_77II) == set(REWARDS)
+
+
+@pytest.mark.parametrize("kind", list(REWARDS))
+def test_make_reward(kind):
     fn = make_reward(RewardConfig(reward=kind))
-    assert totals(fn(["7", "7", I, I])) == pytest.approx(expected)
+    assert totals(fn(["7", "7", I, I])) == pytest.approx(EXPECTED_77II[kind])
+
+
+def test_config_choices_and_scope_come_from_the_registry():
+    """RewardConfig offers exactly the registered rewards, and `auto` picks each one's own
+    scope; an explicit scope still wins."""
+    assert field_choices(RewardConfig, "reward") == tuple(REWARDS)
+    for name, entry in REWARDS.items():
+        assert RewardConfig(reward=name).scope() == entry.scope
+        assert RewardConfig(reward=name, advantage_scope="group").scope() == "group"
+    assert {n for n, r in REWARDS.items() if r.scope == "batch"} == {"ttrv", "entropy"}
+
+
+@pytest.mark.parametrize("kind", list(REWARDS))
+def test_registered_parameters_exist_and_are_bound(kind):
+    """Each declared parameter is a RewardConfig field (or the step's seed) and changes the
+    reward: a parameter declared but never passed on would be silently ignored."""
+    fields = set(RewardConfig.__dataclass_fields__) | {"seed"}
+    group = ["7", "7", "7", "1", I]
+    for param in REWARDS[kind].params:
+        assert param in fields
+        if param == "seed":
+            a, b = (
+                make_reward(RewardConfig(reward=kind), seed=1),
+                make_reward(RewardConfig(reward=kind), seed=2),
+            )
+        else:
+            other = {"alpha": 0.1, "normalize_entropy": False}[param]
+            a = make_reward(RewardConfig(reward=kind))
+            b = make_reward(RewardConfig(reward=kind, **{param: other}))
+        assert totals(a(group)) != pytest.approx(totals(b(group))), param
+
+
+@pytest.mark.parametrize("kind", list(REWARDS))
+def test_default_scope_lets_the_reward_act(kind):
+    """A reward whose total is the same for every rollout of an image (entropy) gives only
+    zero advantages per image: its registered scope must be batch."""
+    step = [["7", "7", "7", "1"], ["3", "1", "2", I], ["4", "4", "4", "4"]]
+    fn = make_reward(RewardConfig(reward=kind))
+    rewards = [totals(fn(g)) for g in step]
+    advantages = group_advantages(rewards, scope=REWARDS[kind].scope)
+    assert not all(zero_advantage_groups(advantages))
+    if all(len(set(g)) == 1 for g in rewards):
+        assert REWARDS[kind].scope == "batch"
 
 
 def test_make_reward_binds_alpha_and_normalisation():
@@ -161,7 +212,7 @@ def test_make_reward_binds_alpha_and_normalisation():
 
 
 def test_every_reward_logs_components_and_total():
-    for kind in ("ttrv", "ttrv_paper", "frequency", "majority", "entropy", "random"):
+    for kind in REWARDS:
         rows = make_reward(RewardConfig(reward=kind))(["7", "1", I])
         assert len(rows) == 3
         for row in rows:

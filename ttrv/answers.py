@@ -35,8 +35,10 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
-from .config import TaskConfig
+if TYPE_CHECKING:  # config imports ttrv.rewards, which imports this module
+    from .config import TaskConfig
 
 INVALID = "<invalid>"
 MAX_FREE_WORDS = 10
@@ -378,6 +380,7 @@ def extract_answer(response: str, task: TaskConfig, options: Sequence[str] = ())
     `options` are the option contents in the order shown (`Prompt.options`); when empty,
     the task's own options are used (multiple choice, classes).
 
+    >>> from ttrv.config import TaskConfig
     >>> mc = TaskConfig(kind="multiple_choice", question="Which digit?", options="3,7,1,9")
     >>> extract_answer("B", mc), extract_answer("The answer is (d).", mc)
     ('7', '9')
@@ -413,6 +416,7 @@ def canonical_label(label: str, task: TaskConfig) -> str:
 
     Multiple-choice and class labels are option contents, never letters.
 
+    >>> from ttrv.config import TaskConfig
     >>> canonical_label("Seven", TaskConfig(kind="multiple_choice", options="3,7"))
     '7'
     """

@@ -4,6 +4,11 @@ Every reward has the signature `RewardFn`: canonical answers in (see `ttrv.answe
 dict per rollout out, holding its components (logged per rollout) and "total". Every dict
 also holds "valid" (1.0 / 0.0).
 
+`REWARDS` is the one registry of rewards: name -> how to build it, the `RewardConfig`
+parameters it takes and its default advantage scope. The config's choices
+(`ttrv.config.RewardKind`), `RewardConfig.scope()`, `make_reward` and the reward tests all
+read it, so adding a reward is one entry here plus its test.
+
 How this departs from the paper and its code (facts in shared/notes/ttrv-reference.md):
 
 1. The entropy term cancels under per-image advantages. TTRV's R = p(a) - alpha * H is
@@ -39,13 +44,17 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .answers import INVALID
-from .config import RewardConfig
+
+if TYPE_CHECKING:  # config reads the registry below, so it cannot be imported at run time
+    from .config import RewardConfig
 
 RewardFn = Callable[[Sequence[str]], list[dict[str, float]]]
+Scope = Literal["group", "batch"]
 
 
 def _entropy(counts: Sequence[int], normalize: bool) -> float:
@@ -202,21 +211,57 @@ def make_random_reward(seed: int = 0) -> RewardFn:
     return random_reward
 
 
+@dataclass(frozen=True)
+class Reward:
+    """One registered reward.
+
+    `build(**params)` returns the reward function with its parameters bound; `params`
+    names them: `RewardConfig` fields, or "seed" (a seed per step, for stochastic rewards).
+    `scope` is the advantage scope that `advantage_scope="auto"` picks: "batch" for a
+    reward whose entropy term is constant within an image's group (per-image
+    normalisation would cancel it), "group" otherwise.
+    """
+
+    build: Callable[..., RewardFn]
+    params: tuple[str, ...]
+    scope: Scope
+    summary: str
+
+
+def _bind(fn: Callable[..., list[dict[str, float]]]) -> Callable[..., RewardFn]:
+    """A builder that binds keyword parameters of a plain reward function."""
+    return lambda **params: partial(fn, **params) if params else fn
+
+
+REWARDS: dict[str, Reward] = {
+    "ttrv": Reward(
+        _bind(ttrv_reward),
+        ("alpha", "normalize_entropy"),
+        "batch",
+        "frequency + alpha * negative entropy with batch-scope advantages (the entropy term "
+        "reaches the gradient)",
+    ),
+    "ttrv_paper": Reward(
+        _bind(ttrv_paper_reward),
+        ("alpha", "normalize_entropy"),
+        "group",
+        "the reference code's form (per-image normalisation, entropy cancels)",
+    ),
+    "frequency": Reward(_bind(frequency_reward), (), "group", "p(a) over the N rollouts"),
+    "majority": Reward(_bind(majority_reward), (), "group", "1 for the top answer (TTRL)"),
+    "entropy": Reward(
+        _bind(entropy_reward), ("normalize_entropy",), "batch", "-H of the group (TENT-like)"
+    ),
+    "random": Reward(make_random_reward, ("seed",), "group", "uniform noise (a control)"),
+}
+
+
 def make_reward(cfg: RewardConfig, seed: int = 0) -> RewardFn:
-    """The reward function `cfg` names, with its parameters bound."""
-    if cfg.reward == "ttrv":
-        return partial(ttrv_reward, alpha=cfg.alpha, normalize_entropy=cfg.normalize_entropy)
-    if cfg.reward == "ttrv_paper":
-        return partial(ttrv_paper_reward, alpha=cfg.alpha, normalize_entropy=cfg.normalize_entropy)
-    if cfg.reward == "frequency":
-        return frequency_reward
-    if cfg.reward == "majority":
-        return majority_reward
-    if cfg.reward == "entropy":
-        return partial(entropy_reward, normalize_entropy=cfg.normalize_entropy)
-    if cfg.reward == "random":
-        return make_random_reward(seed)
-    raise ValueError(f"Unknown reward {cfg.reward!r}.")
+    """The reward function `cfg` names, with its parameters bound from `cfg` (and `seed`)."""
+    entry = REWARDS[cfg.reward]
+    values: dict[str, Any] = {"seed": seed}
+    params = {p: values[p] if p in values else getattr(cfg, p) for p in entry.params}
+    return entry.build(**params)
 
 
 # ---------------------------------------------------------------------------------------
