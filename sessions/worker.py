@@ -13,6 +13,7 @@ frees accelerator memory, and leaves the worker ready for the next job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -286,7 +287,12 @@ class Worker:
         base_task = cfg.task if cfg else TaskConfig()
         task = TaskConfig(**{**base_task.__dict__, "question": req.get("question") or
                              base_task.question})  # fmt: skip
-        rollout = RolloutConfig(max_new_tokens=int(req.get("max_new_tokens", 32)))
+        # One answer length (RolloutConfig.max_new_tokens): the session's own, so Ask answers
+        # as its before/after answers did, unless the request names one (then checked by
+        # the dataclass: not rounded, not above its bound).
+        rollout = cfg.rollout if cfg else RolloutConfig()
+        if req.get("max_new_tokens") is not None:
+            rollout = dataclasses.replace(rollout, max_new_tokens=req["max_new_tokens"])
         policy = make_policy(loaded, cache_images=False)
         with loaded.model.disable_adapter():
             base = greedy_answers(policy, [item], task, rollout)[0]

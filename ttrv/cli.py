@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import SECTIONS, AdaptConfig, ConfigError, field_choices, field_type
+from .config import SECTIONS, AdaptConfig, ConfigError, convert_value, field_choices, field_type
 
 # Field names shared by several sections get the section as a prefix (--lora-alpha).
 _ALL_NAMES = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
@@ -25,11 +25,20 @@ def flag_name(section: str, name: str) -> str:
     return f"{section}-{bare}" if _ALL_NAMES.count(name) > 1 else bare
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: list[str] | None = None) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    sections: list[str] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One flag per config field (`only`: just these field names). Numbers stay text here:
+    `config_from_args` converts them and the dataclass checks them, so a flag is refused
+    with the same message as the UI's field."""
     for section in sections or list(SECTIONS):
         cls = SECTIONS[section]
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             flag = "--" + flag_name(section, f.name)
             dest = f"{section}.{f.name}"
             help_text = f.metadata.get("help", "") + f" (default: {f.default})"
@@ -41,7 +50,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: list[str] | None
                 )  # fmt: skip
             else:
                 group.add_argument(
-                    flag, dest=dest, type=typ, choices=field_choices(cls, f.name), default=None,
+                    flag, dest=dest, choices=field_choices(cls, f.name), default=None,
                     help=help_text, metavar=None if field_choices(cls, f.name) else typ.__name__.upper(),
                 )  # fmt: skip
 
@@ -52,7 +61,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
-            data.setdefault(section, {})[name] = value
+            data.setdefault(section, {})[name] = convert_value(SECTIONS[section], name, value)
     return AdaptConfig.from_dict(data)
 
 
@@ -88,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--labels", type=Path, help="CSV file,label to score the answers")
     a.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     add_config_flags(a, ["model", "task"])
-    a.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
+    # The answer length is the rollouts' (RolloutConfig.max_new_tokens): declared once, so
+    # `answer --adapter` answers as the run's own before/after answers did.
+    add_config_flags(a, ["rollout"], only=("max_new_tokens",))
     return parser
 
 
@@ -311,7 +322,6 @@ def cmd_answer(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from .adapt import make_policy
-    from .config import RolloutConfig
     from .evaluate import accuracy, correct
     from .loading import load_model
     from .lora import load_adapter
@@ -321,7 +331,6 @@ def cmd_answer(args: argparse.Namespace) -> int:
     loaded = load_model(cfg.model)
     if args.adapter:
         loaded.model = load_adapter(loaded.model, args.adapter, trainable=False)
-    rollout = RolloutConfig(max_new_tokens=args.max_new_tokens)
     policy = make_policy(loaded)
     # Images this model's processor refuses are skipped, by name, before any is answered.
     items, rejected = screen_items(policy, items, cfg.task)
@@ -330,7 +339,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     if not items:
         print("error: the model cannot use any of the given images (see above)", file=sys.stderr)
         return 1
-    answers = greedy_answers(policy, items, cfg.task, rollout)
+    answers = greedy_answers(policy, items, cfg.task, cfg.rollout)
     for it, a in zip(items, answers, strict=True):
         if args.json:
             print(json.dumps({"name": it.name, **a, "label": it.label}))

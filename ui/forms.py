@@ -7,11 +7,12 @@ float -> Slider, other numbers -> Number, str -> Textbox). Nothing is copied fie
 field, so a new config field shows up in the UI by itself.
 
 Form values travel to handlers as keyword arguments named `<section>__<field>` (see
-`form_kwargs`), which `config_from_values` turns back into an `AdaptConfig`. Bounds from
-the field metadata are checked there, and `AdaptConfig.from_dict` runs every
-`__post_init__` check, so each rejection is a `ConfigError` whose message says how to fix
-the value: Number components carry no min/max of their own (Gradio would reject such a
-value with its own, less helpful, error before the handler runs).
+`form_kwargs`), which `config_from_values` turns back into an `AdaptConfig`. Here values
+are only converted to the field's type (`ttrv.config.convert_value`); every bound is the
+dataclass's (`AdaptConfig.from_dict` runs each `__post_init__`), so each rejection is the
+same `ConfigError` message the CLI gives. Number components carry no min/max of their own
+(Gradio would reject such a value with its own, less helpful, error before the handler
+runs) and no precision: `precision=0` rounds 2.5 to 2 before the handler sees it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from typing import Any
 
 import gradio as gr
 
-from ttrv.config import SECTIONS, AdaptConfig, ConfigError, field_choices, field_type
+from ttrv.config import (
+    SECTIONS,
+    AdaptConfig,
+    ConfigError,
+    bounds_text,
+    convert_value,
+    field_choices,
+    field_type,
+)
 
 SEP = "__"
 # Sliders only for floats bounded on both sides within this span (a 1..4096 slider is
@@ -42,14 +51,8 @@ def label_of(name: str) -> str:
 
 
 def range_text(meta: dict[str, Any]) -> str:
-    lo, hi = meta.get("minimum"), meta.get("maximum")
-    if lo is not None and hi is not None:
-        return f" [{lo} .. {hi}]"
-    if lo is not None:
-        return f" [>= {lo}]"
-    if hi is not None:
-        return f" [<= {hi}]"
-    return ""
+    text = bounds_text(meta)
+    return f" [{text}]" if text else ""
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -81,7 +84,7 @@ def field_component(
     if typ is bool:
         return gr.Checkbox(value=bool(value), **common)
     if typ is int:
-        return gr.Number(value=value, precision=0, step=1, **common)
+        return gr.Number(value=value, step=1, **common)
     if typ is float:
         lo, hi = meta.get("minimum"), meta.get("maximum")
         if lo is not None and hi is not None and hi - lo <= SLIDER_MAX_SPAN:
@@ -134,35 +137,9 @@ def build_section(
     return out
 
 
-def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
-    typ = field_type(SECTIONS[section], f.name)
-    where = f"{section} {label_of(f.name)}"
-    if typ is bool:
-        return bool(value)
-    if typ in (int, float):
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise ConfigError(f"{where} is empty: enter a number.")
-        try:
-            number = float(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where} must be a number (got {value!r}).") from exc
-        if number != number:  # NaN
-            raise ConfigError(f"{where} must be a number (got NaN).")
-        if typ is int:
-            if not number.is_integer():
-                raise ConfigError(f"{where} must be a whole number (got {value}).")
-            number = int(number)
-        meta = f.metadata
-        if meta.get("minimum") is not None and number < meta["minimum"]:
-            raise ConfigError(f"{where} must be >= {meta['minimum']} (got {value}).")
-        if meta.get("maximum") is not None and number > meta["maximum"]:
-            raise ConfigError(f"{where} must be <= {meta['maximum']} (got {value}).")
-        return number
-    return "" if value is None else str(value)
-
-
 def config_dict(values: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`{section__field: value}` -> nested dict, numbers coerced and bounds-checked.
+    """`{section__field: value}` -> nested dict, values converted to their field's type
+    (bounds are the dataclasses' to check: `config_from_values`).
 
     Sections or fields not in `values` keep `base` (default: the dataclass defaults).
     Raises ConfigError for an unknown key or a bad value.
@@ -175,7 +152,7 @@ def config_dict(values: dict[str, Any], base: dict[str, Any] | None = None) -> d
         if k not in fields:
             raise ConfigError(f"Unknown setting {k!r}.")
         section, f = fields[k]
-        data.setdefault(section, {})[f.name] = _coerce(section, f, value)
+        data.setdefault(section, {})[f.name] = convert_value(SECTIONS[section], f.name, value)
     return data
 
 
