@@ -614,19 +614,34 @@ class Store:
             )
             position += 0 if old else 1
 
-    def images(self, session_id: str) -> list[dict[str, Any]]:
+    def images(
+        self,
+        session_id: str,
+        image_id: str | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         """The session's images in order: image_id, name, position, label, question,
         options (list or None), sha256, width, height, path and thumb (absolute, or None
-        for an image known only from the engine's run_start)."""
+        for an image known only from the engine's run_start). `image_id` gives that image
+        alone (or an empty list); `limit`/`offset` one page in order."""
+        where, params = "si.session_id = ?", [session_id]
+        if image_id is not None:
+            where += " AND si.image_id = ?"
+            params.append(image_id)
+        where += " ORDER BY si.position"
+        if limit is not None or offset:
+            where += " LIMIT ? OFFSET ?"
+            params += [-1 if limit is None else int(limit), int(offset)]
         with self._read("listing images") as db:
             self._session_row(db, session_id)
             rows = self._rows(
                 db,
                 "SELECT si.image_id, si.name, si.position, si.label, si.question, si.options, "
                 "si.sha256, i.width, i.height, i.path, i.thumb FROM session_images si "
-                "LEFT JOIN images i ON i.id = si.sha256 WHERE si.session_id = ? "
-                "ORDER BY si.position",
-                [session_id],
+                f"LEFT JOIN images i ON i.id = si.sha256 WHERE {where}",
+                params,
             )
         for r in rows:
             _parse_json_columns("session_images", r)
@@ -907,27 +922,50 @@ class Store:
             [session_id],
         )
         last_row = last[0] if last else {}
-        per_image = self._answers(db, session_id)
-        compared = [a for a in per_image if a["flipped"] is not None]
-        labelled = [a for a in per_image if a["label"] is not None]
+        # (label, before, after) per image, "after" as `_answers` picks it, in one query.
+        per_image = db.execute(
+            "SELECT si.label, b.answer, CASE WHEN af.image_id IS NOT NULL THEN af.answer "
+            "ELSE (SELECT r.answer FROM answers r WHERE r.session_id = ?1 AND r.image_id = "
+            "si.image_id AND substr(r.phase, 1, 6) = 'round-' ORDER BY "
+            "CAST(substr(r.phase, 7) AS INTEGER) DESC LIMIT 1) END "
+            "FROM session_images si LEFT JOIN answers b ON b.session_id = ?1 AND "
+            "b.phase = 'before' AND b.image_id = si.image_id LEFT JOIN answers af ON "
+            "af.session_id = ?1 AND af.phase = 'after' AND af.image_id = si.image_id "
+            "WHERE si.session_id = ?1",
+            [session_id],
+        ).fetchall()
+        compared = flipped = labelled = 0
+        right = {"before": [0, 0], "after": [0, 0]}  # [correct, known] over labelled images
+        for label, before, after in per_image:
+            same = _same(before, after)
+            if same is not None:
+                compared += 1
+                flipped += not same
+            if label is None:
+                continue
+            labelled += 1
+            for key, answer in (("before", before), ("after", after)):
+                correct = _same(answer, label)
+                if correct is not None:
+                    right[key][0] += correct
+                    right[key][1] += 1
 
         def accuracy(key: str) -> float | None:
-            known = [a[key] for a in labelled if a[key] is not None]
-            return sum(known) / len(known) if known else None
+            correct, known = right[key]
+            return correct / known if known else None
 
-        flipped = sum(a["flipped"] for a in compared)
         return {
             "steps": last_row.get("steps", 0),
             "last_step": last_row.get("step"),
             "reward_mean": last_row.get("reward_mean"),
             "consensus": last_row.get("consensus"),
             "images": len(per_image),
-            "compared": len(compared),
+            "compared": compared,
             "flipped": flipped,
-            "agreement": 1 - flipped / len(compared) if compared else None,
-            "labelled": len(labelled),
-            "accuracy_before": accuracy("correct_before"),
-            "accuracy_after": accuracy("correct_after"),
+            "agreement": 1 - flipped / compared if compared else None,
+            "labelled": labelled,
+            "accuracy_before": accuracy("before"),
+            "accuracy_after": accuracy("after"),
         }
 
     def metrics(self, session_id: str) -> list[dict[str, Any]]:
@@ -968,41 +1006,76 @@ class Store:
             _parse_json_columns("rollouts", r)
         return rows
 
-    def _answers(self, db: Database, session_id: str) -> list[dict[str, Any]]:
-        images = self._rows(
-            db,
-            "SELECT image_id, name, position, label, sha256 FROM session_images "
-            "WHERE session_id = ? ORDER BY position",
-            [session_id],
-        )
-        phases: dict[str, dict[str, dict[str, Any]]] = {}
-        for a in self._rows(
-            db,
-            "SELECT phase, image_id, response, answer FROM answers WHERE session_id = ?",
-            [session_id],
-        ):
-            phases.setdefault(a["image_id"], {})[a["phase"]] = a
+    def rollout_stats(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """{image_id: {"step", "n", "consensus", "invalid"}} at each image's latest step with
+        rollouts, from the per-(image, step) summary (`image_steps`) instead of every
+        rollout: consensus is the most common valid answer's share of the n rollouts,
+        invalid the share without a valid answer (as `ui.charts.image_stats` computes them
+        from `rollouts`)."""
+        with self._read("reading rollout statistics") as db:
+            self._session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, max(step), n, top, invalid FROM image_steps "
+                "WHERE session_id = ? GROUP BY image_id",
+                [session_id],
+            ).fetchall()
+        return {
+            image_id: {"step": step, "n": n, "consensus": top / n, "invalid": invalid / n}
+            for image_id, step, n, top, invalid in rows
+        }
+
+    def _answers(
+        self,
+        db: Database,
+        session_id: str,
+        image_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        where, params = "session_id = ?", [session_id]
+        if image_id is not None:
+            where += " AND image_id = ?"
+            params.append(image_id)
+        if limit is not None or offset:
+            where += " ORDER BY position LIMIT ? OFFSET ?"
+            params += [-1 if limit is None else int(limit), int(offset)]
+        else:
+            where += " ORDER BY position"
+        keys = ("image_id", "name", "position", "label", "sha256")
+        images = db.execute(
+            f"SELECT {', '.join(keys)} FROM session_images WHERE {where}", params
+        ).fetchall()
+        if len(images) == 0:
+            return []
+        sql = "SELECT phase, image_id, response, answer FROM answers WHERE session_id = ?"
+        answer_params: list[Any] = [session_id]
+        if image_id is not None or limit is not None or offset:  # only this page's images
+            sql += f" AND image_id IN (SELECT image_id FROM session_images WHERE {where})"
+            answer_params += params
+        phases: dict[str, dict[str, tuple]] = {}
+        for phase, iid, response, answer in db.execute(sql, answer_params):
+            phases.setdefault(iid, {})[phase] = (answer, response)
         out = []
         for image in images:
-            seen = phases.get(image["image_id"], {})
-            before = seen.get("before")
+            seen = phases.get(image[0], {})
+            before = seen.get("before", (None, None))
             rounds = sorted((p for p in seen if p.startswith("round-")), key=lambda p: int(p[6:]))
             after_phase = "after" if "after" in seen else (rounds[-1] if rounds else None)
-            after = seen.get(after_phase) if after_phase else None
-            label = image["label"]
-            same = _same(before and before["answer"], after and after["answer"])
+            after = seen[after_phase] if after_phase else (None, None)
+            label = image[3]
+            same = _same(before[0], after[0])
             out.append(
                 {
-                    **image,
-                    "before": before and before["answer"],
-                    "before_response": before and before["response"],
-                    "after": after and after["answer"],
-                    "after_response": after and after["response"],
+                    **dict(zip(keys, image, strict=True)),
+                    "before": before[0],
+                    "before_response": before[1],
+                    "after": after[0],
+                    "after_response": after[1],
                     "after_phase": after_phase,
-                    "phases": {p: seen[p]["answer"] for p in seen},
+                    "phases": {p: a for p, (a, _r) in seen.items()},
                     "flipped": None if same is None else not same,
-                    "correct_before": _same(before and before["answer"], label),
-                    "correct_after": _same(after and after["answer"], label),
+                    "correct_before": _same(before[0], label),
+                    "correct_after": _same(after[0], label),
                 }
             )
         return out
@@ -1013,23 +1086,31 @@ class Store:
         with self._read("reading converged images") as db:
             self._session_row(db, session_id)
             rows = db.execute(
-                "SELECT image_id, min(step) FROM (SELECT image_id, step FROM rollouts "
-                "WHERE session_id = ? GROUP BY image_id, step HAVING "
-                "count(DISTINCT coalesce(answer, '<invalid>')) = 1 AND "
-                "min(coalesce(answer, '<invalid>')) != '<invalid>') GROUP BY image_id",
+                "SELECT image_id, min(step) FROM image_steps WHERE session_id = ? AND "
+                "invalid = 0 AND answers = 1 GROUP BY image_id",
                 [session_id],
             ).fetchall()
         return {image_id: int(step) for image_id, step in rows}
 
-    def answers(self, session_id: str) -> list[dict[str, Any]]:
+    def answers(
+        self,
+        session_id: str,
+        image_id: str | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         """Per image, in order: image_id, name, position, label, sha256, before,
         before_response, after, after_response, after_phase ("after", else the last
         "round-k" answered), phases ({phase: answer}), flipped, correct_before,
         correct_after. Answers match after trimming and case folding; flipped/correct are
-        None when an answer (or the label) is missing."""
+        None when an answer (or the label) is missing.
+
+        `image_id` gives that image's row alone (an empty list when the session has no such
+        image); `limit`/`offset` one page of rows in image order: neither reads the rest."""
         with self._read("reading answers") as db:
             self._session_row(db, session_id)
-            return self._answers(db, session_id)
+            return self._answers(db, session_id, image_id, limit, offset)
 
     # -- flip review -----------------------------------------------------------------------
 

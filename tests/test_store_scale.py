@@ -1,0 +1,271 @@
+"""The store's reads at scale (issue 11): paged and per-image queries, the per-(image, step)
+rollout summary, and migration 0004 on an existing database.
+
+Correctness only (timings: `python -m bench.store_scale`): each new query must return what
+the whole-session reads it replaces returned, written out here as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.store_scale import build_session
+from sessions import Store, schema
+from sessions.store import _same
+
+INVALID = "<invalid>"
+
+
+def legacy_answers(store: Store, sid: str) -> list[dict]:
+    """`Store.answers` as it was before paging: every image and every answer row."""
+    db = store._db()
+    images = list(
+        db.query(
+            "SELECT image_id, name, position, label, sha256 FROM session_images "
+            "WHERE session_id = ? ORDER BY position",
+            [sid],
+        )
+    )
+    phases: dict[str, dict] = {}
+    for a in db.query(
+        "SELECT phase, image_id, response, answer FROM answers WHERE session_id = ?", [sid]
+    ):
+        phases.setdefault(a["image_id"], {})[a["phase"]] = a
+    out = []
+    for image in images:
+        seen = phases.get(image["image_id"], {})
+        before = seen.get("before")
+        rounds = sorted((p for p in seen if p.startswith("round-")), key=lambda p: int(p[6:]))
+        after_phase = "after" if "after" in seen else (rounds[-1] if rounds else None)
+        after = seen.get(after_phase) if after_phase else None
+        same = _same(before and before["answer"], after and after["answer"])
+        out.append(
+            {
+                **image,
+                "before": before and before["answer"],
+                "before_response": before and before["response"],
+                "after": after and after["answer"],
+                "after_response": after and after["response"],
+                "after_phase": after_phase,
+                "phases": {p: seen[p]["answer"] for p in seen},
+                "flipped": None if same is None else not same,
+                "correct_before": _same(before and before["answer"], image["label"]),
+                "correct_after": _same(after and after["answer"], image["label"]),
+            }
+        )
+    return out
+
+
+def legacy_headline_counts(rows: list[dict]) -> dict:
+    compared = [a for a in rows if a["flipped"] is not None]
+    labelled = [a for a in rows if a["label"] is not None]
+
+    def accuracy(key: str) -> float | None:
+        known = [a[key] for a in labelled if a[key] is not None]
+        return sum(known) / len(known) if known else None
+
+    flipped = sum(a["flipped"] for a in compared)
+    return {
+        "images": len(rows),
+        "compared": len(compared),
+        "flipped": flipped,
+        "agreement": 1 - flipped / len(compared) if compared else None,
+        "labelled": len(labelled),
+        "accuracy_before": accuracy("correct_before"),
+        "accuracy_after": accuracy("correct_after"),
+    }
+
+
+def legacy_converged(store: Store, sid: str) -> dict[str, int]:
+    rows = store._db().execute(
+        "SELECT image_id, min(step) FROM (SELECT image_id, step FROM rollouts "
+        "WHERE session_id = ? GROUP BY image_id, step HAVING "
+        "count(DISTINCT coalesce(answer, '<invalid>')) = 1 AND "
+        "min(coalesce(answer, '<invalid>')) != '<invalid>') GROUP BY image_id",
+        [sid],
+    )
+    return {image_id: int(step) for image_id, step in rows}
+
+
+def stats_from_rollouts(rollouts: list[dict]) -> dict:
+    """ui.charts.image_stats over one image's latest rollouts, plus its step."""
+    answers = [r.get("answer") or INVALID for r in rollouts]
+    valid = Counter(a for a in answers if a != INVALID)
+    n = len(answers)
+    return {
+        "step": rollouts[0]["step"],
+        "n": n,
+        "consensus": max(valid.values()) / n if valid else 0.0,
+        "invalid": sum(a == INVALID for a in answers) / n,
+    }
+
+
+def legacy_stats(store: Store, sid: str) -> dict[str, dict]:
+    out = {}
+    for image in store.images(sid):
+        rollouts = store.rollouts(sid, image["image_id"])
+        if rollouts:
+            out[image["image_id"]] = stats_from_rollouts(rollouts)
+    return out
+
+
+def rollout(step: int, image_id: str, index: int, answer: str | None) -> dict:
+    return {"step": step, "image_id": image_id, "index": index, "response": str(answer),
+            "answer": answer, "reward": 0.5, "components": {"frequency": 0.5}}  # fmt: skip
+
+
+def add_edge_cases(store: Store, sid: str) -> None:
+    """Images the synthetic run does not produce: never answered, answered only in a
+    round (no "after"), a missing answer, no label, all-invalid and converged rollouts,
+    a step replayed after a rollback."""
+    sink = store.sink(sid)
+    sink("run_start", {"config": None, "images": [{"image_id": f"edge{i}"} for i in range(4)]})
+    sink("answers", {"phase": "before", "answers": [
+        {"image_id": "edge1", "response": "7", "answer": "7"},
+        {"image_id": "edge2", "response": "", "answer": None},
+        {"image_id": "edge3", "response": " Seven ", "answer": " SEVEN "},
+    ]})  # fmt: skip
+    sink("answers", {"phase": "round-2", "answers": [
+        {"image_id": "edge1", "response": "1", "answer": "1"},
+        {"image_id": "edge3", "response": "seven", "answer": "seven"},
+    ]})  # fmt: skip
+    sink("answers", {"phase": "round-10", "answers": [
+        {"image_id": "edge1", "response": "4", "answer": "4"},
+    ]})  # fmt: skip
+    sink("rollouts", {"step": 900, "rollouts": [
+        *(rollout(900, "edge0", i, INVALID) for i in range(4)),
+        *(rollout(900, "edge1", i, "3") for i in range(4)),
+        *(rollout(900, "edge2", i, [None, "", "5", "5"][i]) for i in range(4)),
+    ]})  # fmt: skip
+    # replayed after a rollback: step 900 of edge1 now disagrees
+    sink("rollouts", {"step": 900, "rollouts": [rollout(900, "edge1", i, "3" if i else "8")
+                                                for i in range(4)]})  # fmt: skip
+    sink("rollouts", {"step": 901, "rollouts": [rollout(901, "edge2", i, "6") for i in range(4)]})
+    sink("run_end", {"status": "done", "steps": 902, "reason": ""})
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "data")
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def session(store: Store) -> str:
+    sid = build_session(store, "small", count=10, n=4, rounds=2, per_step=3, seed=3)
+    add_edge_cases(store, sid)
+    return sid
+
+
+def test_answers_pages_and_one_image_match_the_whole_read(store: Store, session: str) -> None:
+    """Paging (Inspect's one image, pages of rows) must return the rows the whole-session
+    read returned, in the same order, and nothing for an image the session lacks."""
+    full = legacy_answers(store, session)
+    assert len(full) == 14
+    assert store.answers(session) == full
+    for row in full:
+        assert store.answers(session, row["image_id"]) == [row]
+    assert store.answers(session, "no-such-image") == []
+    pages = [store.answers(session, limit=4, offset=k) for k in range(0, 16, 4)]
+    assert [r for page in pages for r in page] == full
+    assert store.answers(session, offset=10) == full[10:]
+    edge1 = store.answers(session, "edge1")[0]
+    assert (edge1["after_phase"], edge1["after"], edge1["flipped"]) == ("round-10", "4", True)
+
+
+def test_images_pages_and_one_image_match_the_whole_read(store: Store, session: str) -> None:
+    """`images` with image_id / limit / offset returns slices of the whole list."""
+    full = store.images(session)
+    assert len(full) == 14
+    assert [store.images(session, r["image_id"])[0] for r in full] == full
+    assert store.images(session, limit=5, offset=3) == full[3:8]
+    assert store.images(session, offset=12) == full[12:]
+    assert store.images(session, "no-such-image") == []
+
+
+def test_headline_matches_the_answers_it_summarises(store: Store, session: str) -> None:
+    """The headline's SQL must count flips and accuracy as the per-image rows do
+    (answers compared after trimming and case folding, "after" else the last round)."""
+    head = store.get_session(session)["headline"]
+    expected = legacy_headline_counts(legacy_answers(store, session))
+    assert {k: head[k] for k in expected} == expected
+    listed = {s["id"]: s["headline"] for s in store.list_sessions()}
+    assert listed[session] == head
+
+
+def test_rollout_stats_and_converged_match_the_rollouts(store: Store, session: str) -> None:
+    """The per-(image, step) summary kept by triggers gives what aggregating the rollouts
+    gives: latest-step consensus and invalid share per image, and converged images -
+    also after a replayed step replaced an image's rollouts."""
+    stats = store.rollout_stats(session)
+    assert stats == legacy_stats(store, session)
+    assert stats["edge0"] == {"step": 900, "n": 4, "consensus": 0.0, "invalid": 1.0}
+    assert stats["edge1"]["consensus"] == 0.75  # the replay, not the first write
+    assert stats["edge2"]["step"] == 901
+    converged = store.converged_images(session)
+    assert converged == legacy_converged(store, session)
+    assert "edge1" not in converged and converged["edge2"] == 901
+
+
+def test_summary_follows_deletes_import_and_session_delete(
+    store: Store, session: str, tmp_path: Path
+) -> None:
+    """Rows deleted from rollouts (a rewind, a deleted session) leave no stale summary,
+    and an imported archive (rows inserted directly) gets its summary too."""
+    db = store._db()
+    with db.conn:
+        db.execute("DELETE FROM rollouts WHERE session_id = ? AND step >= 901", [session])
+    assert store.rollout_stats(session) == legacy_stats(store, session)
+    assert store.rollout_stats(session)["edge2"]["step"] == 900
+    archive = store.export_session(session, tmp_path / "s.zip")
+    copy = store.import_archive(archive)
+    assert store.rollout_stats(copy) == store.rollout_stats(session)
+    assert store.converged_images(copy) == store.converged_images(session)
+    store.delete_session(session)
+    left = db.execute("SELECT count(*) FROM image_steps WHERE session_id = ?", [session])
+    assert left.fetchone()[0] == 0
+
+
+def test_migration_0004_applies_to_an_existing_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written at schema version 3 opens, is migrated, and its existing
+    rollouts are summarised (backfill), so the new reads agree with the old ones."""
+    data = tmp_path / "data"
+    with monkeypatch.context() as m:
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+        old = Store(data)
+        assert schema.schema_version(old._db()) == 3
+        sid = build_session(old, "old", count=6, n=4, rounds=2, per_step=2, seed=5)
+        add_edge_cases(old, sid)
+        before = {
+            "answers": legacy_answers(old, sid),
+            "converged": legacy_converged(old, sid),
+            "stats": legacy_stats(old, sid),
+            "headline": old.get_session(sid)["headline"],
+        }
+        assert "image_steps" not in old._db().table_names()
+        old.close()
+    store = Store(data)
+    try:
+        db = store._db()
+        assert schema.schema_version(db) == 4
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"answers_image", "session_images_position"} <= indexes
+        assert store.answers(sid) == before["answers"]
+        assert store.converged_images(sid) == before["converged"]
+        assert store.rollout_stats(sid) == before["stats"]
+        assert store.get_session(sid)["headline"] == before["headline"]
+        # and the triggers keep it current for rows written after the migration
+        store.sink(sid)("rollouts", {"step": 950, "rollouts": [rollout(950, "edge0", 0, "2")]})
+        assert store.rollout_stats(sid)["edge0"] == {
+            "step": 950, "n": 1, "consensus": 1.0, "invalid": 0.0
+        }  # fmt: skip
+    finally:
+        store.close()
+    assert json.loads(json.dumps(before["headline"]))  # JSON-able, as the UI sends it
