@@ -1,7 +1,9 @@
 """Items (an image plus what is asked of it) and the prompts the model receives.
 
 A prompt is the user text plus, for multiple choice, the option contents in the order they
-are shown. Rendering into the model's own chat template happens in `render_prompt`.
+are shown. The user text is the task's template (`TaskConfig.wording()`: the person's own,
+so a model's trained wording can be reproduced, or the paper's) with its placeholders
+filled. Rendering into the model's own chat template happens in `render_prompt`.
 """
 
 from __future__ import annotations
@@ -57,18 +59,41 @@ def item_options(task: TaskConfig, item: Item) -> list[str]:
     return list(options)
 
 
-def mc_prompt_text(question: str, options: list[str]) -> str:
-    """The paper's multiple-choice protocol: letter-only answer, options inline."""
-    letters = [LETTERS[i] for i in range(len(options))]
-    if len(letters) == 2:
-        letter_list = f"{letters[0]} or {letters[1]}"
-    else:
-        letter_list = ", ".join(letters[:-1]) + f", or {letters[-1]}"
-    shown = " ".join(f"{letter}. {opt}" for letter, opt in zip(letters, options, strict=True))
-    return (
-        f"{question.strip()} Choose the correct answer from the options below and respond "
-        f"with only the corresponding option letter ({letter_list}). Do not include any "
-        f"explanation or extra text. Options: {shown}"
+def _unescape(text: str) -> str:
+    # A form's one-line text box cannot hold a line break, so templates write it as \n.
+    return text.replace("\\n", "\n")
+
+
+def letter_list(n: int) -> str:
+    """The letters of `n` options as the paper's wording names them.
+
+    >>> letter_list(2), letter_list(4)
+    ('A or B', 'A, B, C, or D')
+    """
+    letters = LETTERS[:n]
+    if n == 2:
+        return f"{letters[0]} or {letters[1]}"
+    return ", ".join(letters[:-1]) + f", or {letters[-1]}"
+
+
+def mc_prompt_text(task: TaskConfig, question: str, options: list[str]) -> str:
+    """A multiple-choice prompt: the options lettered A, B, ... in the order given, each
+    shown by `task.option_format` and joined by `task.option_separator`.
+
+    >>> mc = TaskConfig(kind="multiple_choice", template="{question} Options: {options}",
+    ...                 option_format="({letter}) {option}", option_separator="\\n")
+    >>> print(mc_prompt_text(mc, "Which digit?", ["2", "1"]))
+    Which digit? Options: (A) 2
+    (B) 1
+    """
+    if len(options) > len(LETTERS):
+        raise ConfigError(f"{len(options)} options: multiple choice letters at most 26.")
+    shown = _unescape(task.option_separator).join(
+        _unescape(task.option_format).format(letter=letter, option=option)
+        for letter, option in zip(LETTERS, options, strict=False)
+    )
+    return _unescape(task.wording()).format(
+        question=question.strip(), options=shown, letters=letter_list(len(options))
     )
 
 
@@ -81,13 +106,12 @@ def build_prompt(task: TaskConfig, item: Item, order: list[int] | None = None) -
         options = item_options(task, item)
         if order is not None:
             options = [options[i] for i in order]
-        return Prompt(mc_prompt_text(question, options), tuple(options))
+        return Prompt(mc_prompt_text(task, question, options), tuple(options))
     if task.kind == "classes":
         classes = item_options(task, item)
-        return Prompt(f"{question} Answer with one of: {', '.join(classes)}.", tuple(classes))
-    if task.kind == "yes_no":
-        return Prompt(f"{question} Answer yes or no.")
-    return Prompt(question)
+        text = _unescape(task.wording()).format(question=question, classes=", ".join(classes))
+        return Prompt(text, tuple(classes))
+    return Prompt(_unescape(task.wording()).format(question=question))
 
 
 def option_orders(

@@ -82,10 +82,13 @@ def preview(task: TaskConfig, image: dict[str, Any] | None, model: str, trust: b
         )
     answer = extract_answer(response or "", task, prompt.options)
     options = f" Options as shown: {', '.join(prompt.options)}." if prompt.options else ""
+    # The template in effect, so the paper's default can be copied into the template field
+    # and edited into the wording a model was trained on.
+    source = "the task's template" if task.template else "the paper's wording, the default"
     parsed = (
         f"A response `{(response or '').strip()[:120]}` is parsed as **{answer}**."
         f"{options} Rollouts vote on these parsed answers; `<invalid>` gets no frequency "
-        f"reward.{note}"
+        f"reward.\n\nWording ({source}): `{task.wording()}`{note}"
     )
     return text, parsed
 
