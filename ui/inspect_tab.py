@@ -149,8 +149,8 @@ def build(ctx: Context) -> dict[str, Any]:
         session = ctx.store.get_session(sid)
         rows = ctx.store.answers(sid)
         images = {i["image_id"]: i for i in ctx.store.images(sid)}
-        stats = {r["image_id"]: charts.image_stats(ctx.store.rollouts(sid, r["image_id"]))
-                 for r in rows}  # fmt: skip
+        found = ctx.store.rollout_stats(sid)  # one query, not one per image
+        stats = {r["image_id"]: found.get(r["image_id"], charts.image_stats([])) for r in rows}
         shown = [r for r in rows if charts.matches_filter(r, stats[r["image_id"]], filt)]
         note = ""
         if filt == "wrong" and not any(r["label"] is not None for r in rows):
@@ -181,10 +181,10 @@ def build(ctx: Context) -> dict[str, Any]:
     def show_image(sid: str | None, image_id: str | None) -> tuple:
         if not sid or not image_id:
             return None, "", [], gr.skip()
-        row = next((r for r in ctx.store.answers(sid) if r["image_id"] == image_id), None)
+        row = next(iter(ctx.store.answers(sid, image_id)), None)
         if row is None:
             return None, error("This image is not in the session."), [], gr.skip()
-        image = next((i for i in ctx.store.images(sid) if i["image_id"] == image_id), {})
+        image = next(iter(ctx.store.images(sid, image_id)), {})
         rollouts = ctx.store.rollouts(sid, image_id)
         step = rollouts[0]["step"] if rollouts else None
         table = [
