@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ui import demo_and_model, free_port
+from tests.test_ui import demo_and_model, free_port, photo
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -133,6 +133,7 @@ def drive(app, page) -> None:
     page.wait_for_selector("#adapt-status :text('Added')")
     page.wait_for_selector("#quick-gallery img")
     assert in_first_screen(page, "#start-btn")
+    assert_captions_below_and_whole(page, "#quick-gallery")
     shot(page, "1-first-screen")
 
     page.click("#tab-adapt :text('Advanced settings')")  # folded on the first screen
@@ -175,6 +176,17 @@ def drive(app, page) -> None:
     assert re.search(r"Step \d+ / \d+", page.inner_text("#progress"))
     shot(page, "adapt", docs=True)
 
+    # Inspect follows the run without a click on Refresh.
+    page.click("#tab-inspect-button")
+    page.wait_for_selector("#inspect-summary :text('this view follows the run')")
+    seen = summary_step(page)
+    page.wait_for_function(
+        "n => +(document.querySelector('#inspect-summary').innerText.match(/step (\\d+)/)"
+        "|| [0, 0])[1] > n",
+        arg=seen,
+    )
+    page.click("#tab-adapt-button")
+
     page.click("#stop-btn")
     page.wait_for_selector("#progress .ttrv-progress[data-status='stopped']")
     sid = store.list_sessions()[0]["id"]
@@ -191,6 +203,9 @@ def drive(app, page) -> None:
         ".some(cell => cell.innerText.trim())"
     )
     page.wait_for_selector("#inspect-answers .js-plotly-plot")
+    assert "frequency" in page.inner_text("#inspect-groups")
+    page.wait_for_selector("#inspect-sign :text('Advantages are normalised')")
+    assert_captions_below_and_whole(page, "#inspect-gallery")
     shot(page, "inspect", docs=True)
 
     page.click("#tab-sessions-button")
@@ -198,5 +213,45 @@ def drive(app, page) -> None:
         f"() => [...document.querySelectorAll('#sessions-table [role=gridcell]')]"
         f".some(cell => cell.innerText.includes('{sid}'))"
     )
+    cut = page.evaluate(  # the id is shown whole at 1280 px, not cut with an ellipsis
+        f"""() => {{
+            const cell = [...document.querySelectorAll('#sessions-table [role=gridcell]')]
+                .find(c => c.innerText.includes('{sid}'));
+            return [cell, ...cell.querySelectorAll('*')]
+                .filter(e => e.scrollWidth > e.clientWidth + 1).length;
+        }}"""
+    )
+    assert cut == 0, "the session id is cut in the sessions table"
     shot(page, "sessions", docs=True)
-    assert time.monotonic() - started < 120, "the browser test took over two minutes"
+
+    # Photos with the digits model: warned about on the first screen, before any run.
+    page.click("#tab-adapt-button")
+    with page.expect_file_chooser() as chooser:
+        page.click("#quick-upload")
+    chooser.value.set_files(str(photo(Path(str(ARTIFACTS)) / "cheetah.jpg")))
+    page.wait_for_selector("#quick-domain :text('do not look like what this model was')")
+    assert "cheetah.jpg" in page.inner_text("#quick-domain")
+    shot(page, "domain-warning")
+    assert time.monotonic() - started < 150, "the browser test took over 150 s"
+
+
+def summary_step(page) -> int:
+    found = re.search(r"step (\d+)", page.inner_text("#inspect-summary"))
+    return int(found.group(1)) if found else 0
+
+
+def assert_captions_below_and_whole(page, gallery: str) -> None:
+    """Gallery captions sit under their thumbnails (not over them) and show whole names."""
+    boxes = page.evaluate(
+        f"""() => [...document.querySelectorAll('{gallery} .thumbnail-item')].slice(0, 4)
+            .map(item => {{
+                const img = item.querySelector('img').getBoundingClientRect();
+                const cap = item.querySelector('.caption-label');
+                return [img.bottom, cap.getBoundingClientRect().top,
+                        cap.scrollWidth - cap.clientWidth, cap.innerText];
+            }})"""
+    )
+    assert boxes, f"no thumbnails in {gallery}"
+    for img_bottom, caption_top, overflow, text in boxes:
+        assert caption_top >= img_bottom - 1, f"caption {text!r} covers its thumbnail"
+        assert overflow <= 1, f"caption {text!r} is cut"

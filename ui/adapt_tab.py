@@ -103,7 +103,7 @@ def build(ctx: Context) -> dict[str, Any]:
                 upload = gr.UploadButton("Add images…", file_count="multiple", size="sm",
                                          elem_id="quick-upload")  # fmt: skip
             images_md = gr.Markdown(drafts.summary([]), elem_id="quick-images")
-            gallery = gr.Gallery(columns=8, height=130, allow_preview=False, show_label=False,
+            gallery = gr.Gallery(columns=4, height=150, allow_preview=False, show_label=False,
                                  elem_id="quick-gallery", elem_classes=["ttrv-gallery"])  # fmt: skip
             domain = gr.Markdown(elem_id="quick-domain")
         with gr.Column(scale=3, min_width=260):

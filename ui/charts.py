@@ -279,29 +279,70 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]], height: int = 460) -> g
 # -- per image ---------------------------------------------------------------------------------
 
 
+def entropy_term(rollout: dict[str, Any]) -> float | None:
+    """The part of a rollout's reward that comes from the answer entropy (-alpha * H for
+    ttrv rewards, all of it for the entropy reward); None when the reward has no such term."""
+    comp = rollout.get("components") or {}
+    reward = rollout.get("reward")
+    if reward is None or "neg_entropy" not in comp:
+        return None
+    return reward - comp["frequency"] if "frequency" in comp else reward
+
+
 def rollout_groups(rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per distinct answer, most common first: answer, count, share, reward
-    (mean), advantage (mean), trained (how many were trained on), example response."""
+    """One row per distinct answer, most common first: answer, count, share, frequency
+    (reward component, mean), entropy_term (mean, see `entropy_term`), reward (mean),
+    advantage (mean), trained (how many were trained on), example response."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rollouts:
         groups.setdefault(r.get("answer") or INVALID, []).append(r)
     n = len(rollouts)
+
+    def mean(values: list[Any]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
+
     rows = []
     for answer, rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        rewards = [r["reward"] for r in rs if r.get("reward") is not None]
-        advantages = [r["advantage"] for r in rs if r.get("advantage") is not None]
         rows.append(
             {
                 "answer": answer,
                 "count": len(rs),
                 "share": len(rs) / n,
-                "reward": sum(rewards) / len(rewards) if rewards else None,
-                "advantage": sum(advantages) / len(advantages) if advantages else None,
+                "frequency": mean([(r.get("components") or {}).get("frequency") for r in rs]),
+                "entropy_term": mean([entropy_term(r) for r in rs]),
+                "reward": mean([r.get("reward") for r in rs]),
+                "advantage": mean([r.get("advantage") for r in rs]),
                 "trained": sum(bool(r.get("trained")) for r in rs),
                 "example": (rs[0].get("response") or "").strip()[:200],
             }
         )
     return rows
+
+
+def advantage_scope(config: dict[str, Any]) -> str:
+    """ "group" or "batch", as `ttrv.config.RewardConfig.scope` resolves it."""
+    reward = config.get("reward", {})
+    scope = reward.get("advantage_scope", "auto")
+    if scope != "auto":
+        return scope
+    return "batch" if reward.get("reward", "ttrv") in ("ttrv", "entropy") else "group"
+
+
+def sign_note(config: dict[str, Any]) -> str:
+    """One line on how to read the signs of rewards and advantages for this run."""
+    if advantage_scope(config) == "batch":
+        return (
+            "Reward = frequency + entropy term (−α·H, ≤ 0, the same for every rollout of an "
+            "image). Advantages are normalised over all images of the step (batch scope), so "
+            "even the top answer is negative when other images in that step agreed more: "
+            "it is pushed up less than theirs, not pushed away."
+        )
+    return (
+        "Reward = frequency + entropy term (−α·H, ≤ 0, the same for every rollout of an "
+        "image). Advantages are normalised within this image's rollouts (group scope): "
+        "answers above the image's mean reward are positive, the others negative."
+    )
 
 
 def image_stats(rollouts: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -319,21 +360,33 @@ def image_stats(rollouts: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def reward_figure(rollouts: list[dict[str, Any]], height: int = 260) -> go.Figure:
-    """Histogram of the rollouts' rewards, stacked by answer."""
+    """Histogram of the rollouts' rewards, stacked by answer, on bins shared by all answers.
+
+    When every rollout scored the same, the one bar is drawn narrow at that value with
+    the axis centred on it (plotly's automatic bins draw it from x-0.5 to x+0.5)."""
     fig = go.Figure()
+    values = [r["reward"] for r in rollouts if r.get("reward") is not None]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    span = hi - lo
+    size = span / 20 if span > 1e-9 else 0.02
+    bins = {"start": lo - size / 2, "end": hi + size / 2, "size": size}
     for i, row in enumerate(rollout_groups(rollouts)):
         rewards = [
             r["reward"] for r in rollouts
             if (r.get("answer") or INVALID) == row["answer"] and r.get("reward") is not None
         ]  # fmt: skip
         fig.add_trace(
-            go.Histogram(x=rewards, name=str(row["answer"]), nbinsx=20,
+            go.Histogram(x=rewards, name=str(row["answer"]), xbins=bins, autobinx=False,
                          marker_color=COLORS[i % len(COLORS)])
         )  # fmt: skip
+    title = "reward of each rollout, by answer"
+    if values and span <= 1e-9:
+        title = f"all {len(values)} rollouts scored {lo:.3g}"
+        fig.update_xaxes(range=[lo - 0.5, hi + 0.5])
     fig.update_layout(
         barmode="stack", height=height, template="plotly_white",
         margin={"l": 40, "r": 10, "t": 30, "b": 30},
-        title={"text": "reward of each rollout, by answer", "font": {"size": 13}},
+        title={"text": title, "font": {"size": 13}},
         xaxis_title=None, yaxis_title="rollouts",
     )  # fmt: skip
     return fig

@@ -81,6 +81,7 @@ def build(ctx: Context) -> dict[str, Any]:
         allow_preview=False,
         fit_columns=False,
         elem_id="draft-gallery",
+        elem_classes=["ttrv-gallery"],
     )
     with gr.Row():
         remove_btn = gr.Button("Remove selected", size="sm", scale=0)

@@ -25,7 +25,9 @@ FILTERS = {
     "wrong": "Wrong (needs labels)",
     "invalid": "Invalid",
 }
-GROUP_HEADERS = ["answer", "count", "share", "reward", "advantage", "trained", "example response"]
+GROUP_HEADERS = ["answer", "count", "share", "frequency", "entropy term", "reward", "advantage",
+                 "trained", "example response"]  # fmt: skip
+TICK_S = 2.0  # live refresh while a run is active and this tab is shown
 
 
 def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
@@ -42,6 +44,9 @@ def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
             f" · {counts['wrong']} wrong · accuracy (labels, evaluation only) "
             f"{charts.fmt(h.get('accuracy_before'), 2)} → {charts.fmt(h.get('accuracy_after'), 2)}"
         )
+    if session["status"] in charts.ACTIVE:
+        parts.append(f"\n\nRun {session['status']} · step {h.get('steps') or 0} · this view "
+                     "follows the run")  # fmt: skip
     if not any(r["before"] is not None for r in rows):
         parts.append("\n\nNo answers yet: the baseline runs at the start of the adaptation.")
     return "".join(parts)
@@ -117,6 +122,7 @@ def build(ctx: Context) -> dict[str, Any]:
                 allow_preview=False,
                 fit_columns=False,
                 elem_id="inspect-gallery",
+                elem_classes=["ttrv-gallery"],
             )
             image_pick = gr.Dropdown(label="Or pick by name", choices=[], elem_id="inspect-image",
                                      allow_custom_value=True)  # fmt: skip
@@ -133,10 +139,11 @@ def build(ctx: Context) -> dict[str, Any]:
         headers=GROUP_HEADERS,
         interactive=False,
         wrap=True,
-        column_widths=["16%", "8%", "8%", "11%", "12%", "8%", "37%"],
+        column_widths=["12%", "7%", "7%", "9%", "10%", "8%", "9%", "7%", "31%"],
         label="Rollouts grouped by answer",
         elem_id="inspect-groups",
     )
+    sign = gr.Markdown(elem_id="inspect-sign")
     with gr.Accordion("Guard events", open=False):
         guard = gr.Markdown(elem_id="inspect-guard")
     shown_ids = gr.State([])
@@ -177,34 +184,57 @@ def build(ctx: Context) -> dict[str, Any]:
             value,
         )
 
-    @guarded(outputs=4, status=1)
+    @guarded(outputs=5, status=1)
     def show_image(sid: str | None, image_id: str | None) -> tuple:
         if not sid or not image_id:
-            return None, "", [], gr.skip()
+            return None, "", [], gr.skip(), ""
         row = next(iter(ctx.store.answers(sid, image_id)), None)
         if row is None:
-            return None, error("This image is not in the session."), [], gr.skip()
+            return None, error("This image is not in the session."), [], gr.skip(), ""
         image = next(iter(ctx.store.images(sid, image_id)), {})
         rollouts = ctx.store.rollouts(sid, image_id)
         step = rollouts[0]["step"] if rollouts else None
         table = [
-            [g["answer"], g["count"], f"{g['share']:.0%}", charts.fmt(g["reward"]),
-             charts.fmt(g["advantage"]), g["trained"], g["example"]]
+            [g["answer"], g["count"], f"{g['share']:.0%}", charts.fmt(g["frequency"]),
+             charts.fmt(g["entropy_term"]), charts.fmt(g["reward"]), charts.fmt(g["advantage"]),
+             g["trained"], g["example"]]
             for g in charts.rollout_groups(rollouts)
         ]  # fmt: skip
+        config = ctx.store.get_session(sid)["config"]
         return (
             image.get("path"),
             detail_text(row, charts.image_stats(rollouts), step),
             table,
             charts.reward_figure(rollouts) if rollouts else None,
+            charts.sign_note(config) if rollouts else "",
         )
 
     def pick(ids: list[str], evt: gr.SelectData) -> Any:
         return ids[evt.index] if 0 <= evt.index < len(ids) else gr.skip()
 
+    def live(sid: str | None, filt: str, current: str | None, last: Any) -> tuple:
+        """The timer's refresh: the overview and the shown image, redrawn only when the
+        session moved on since the last tick (a finished session is drawn once)."""
+        skip = (gr.skip(),) * (len(outs) + len(detail_outs) + 1)
+        if not sid:
+            return skip
+        try:
+            session = ctx.store.get_session(sid)
+        except Exception:  # noqa: BLE001 - deleted meanwhile: the next session change redraws
+            return skip
+        fingerprint = [sid, session["status"], session["updated"], session["headline"]["steps"]]
+        if fingerprint == last:
+            return skip
+        overview_parts = refresh(sid, filt, current)
+        shown = overview_parts[-1] if isinstance(overview_parts[-1], str) else None
+        return (*overview_parts, *show_image(sid, shown), fingerprint)
+
     hidden = gr.State(None)  # the image to show after a refresh
+    seen = gr.State(None)  # the session state the live view last drew
+    timer = gr.Timer(TICK_S, active=False)  # switched on while this tab is shown
+    ctx.parts["inspect_timer"] = timer
     outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden]
-    detail_outs = [picture, detail, groups, rewards]
+    detail_outs = [picture, detail, groups, rewards, sign]
     refresh_inputs = [ctx.session, which, image_pick]
     refresh_btn.click(refresh, refresh_inputs, outs, api_name="inspect_refresh").then(
         show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
@@ -216,6 +246,8 @@ def build(ctx: Context) -> dict[str, Any]:
     gallery.select(pick, [shown_ids], image_pick, api_visibility="private").then(
         show_image, [ctx.session, image_pick], detail_outs, api_visibility="private"
     )
+    timer.tick(live, [*refresh_inputs, seen], [*outs, *detail_outs, seen],
+               show_progress="hidden", api_name="inspect_live")  # fmt: skip
     then = (show_image, [ctx.session, hidden], detail_outs)
     ctx.on_session_change(refresh, refresh_inputs, outs, then=then)
     return {"on_select": (refresh, refresh_inputs, outs), "then": then}

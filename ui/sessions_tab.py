@@ -11,12 +11,15 @@ from typing import Any
 
 import gradio as gr
 
+from sessions.schema import StoreError
+
 from . import charts, forms
-from .state import Context, error, guarded, header_text, ok, pick_session, session_choices
+from .state import Context, describe, error, guarded, header_text, ok, pick_session, session_choices
 
 HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc. after",
            "flipped", "images", "model", "created", "id"]  # fmt: skip
-WIDTHS = ["22%", "8%", "6%", "7%", "8%", "7%", "7%", "7%", "6%", "8%", "9%", "9%"]
+# The id column fits a whole 12-character id at 1280 px (tests/test_browser.py checks it).
+WIDTHS = ["18%", "8%", "6%", "7%", "7%", "7%", "7%", "6%", "6%", "7%", "9%", "12%"]
 COMPARE_HEADERS = ["image", "label", "A before", "A after", "B before", "B after"]
 
 
@@ -33,6 +36,16 @@ def table_rows(sessions: list[dict[str, Any]]) -> list[list[Any]]:
             s["id"],
         ])  # fmt: skip
     return rows
+
+
+def unique_name(name: str, taken: list[str]) -> str:
+    """`name`, or `name (2)`, `name (3)`, … when another session already has it."""
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name} ({n})" in taken:
+        n += 1
+    return f"{name} ({n})"
 
 
 def compare_summary(data: dict[str, Any]) -> str:
@@ -131,9 +144,20 @@ def build(ctx: Context) -> dict[str, Any]:
     def import_(path: str | None) -> tuple:
         if not path:
             return (gr.skip(),) * 7
-        sid = ctx.store.import_archive(path)
+        upload = Path(path)
+        try:
+            sid = ctx.store.import_archive(path)
+        except Exception as exc:  # name the file the user picked, not the upload's temp path
+            text = describe(exc).replace(str(upload), upload.name)
+            raise StoreError(text.replace(str(upload.parent), "(upload)")) from exc
         session = ctx.store.get_session(sid)
-        return (ok(f"Imported {session['name']!r} as `{sid}`; it is now the current session."),
+        name = unique_name(session["name"], [s["name"] for s in ctx.store.list_sessions()
+                                             if s["id"] != sid])  # fmt: skip
+        note = ""
+        if name != session["name"]:  # e.g. the same archive imported twice
+            ctx.store.rename_session(sid, name)
+            note = f" A session named {session['name']!r} already exists, so this one is {name!r}."
+        return (ok(f"Imported {name!r} as `{sid}`; it is now the current session.{note}"),
                 sid, header_text(ctx.store, sid), *lists(sid))  # fmt: skip
 
     @guarded(outputs=len(ctx.forms) + 1)

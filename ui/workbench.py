@@ -43,6 +43,15 @@ CSS = """
 .ttrv-ok { color: #16a34a; font-weight: bold; }
 .ttrv-err { color: #dc2626; font-weight: bold; }
 .ttrv-info { color: #2563eb; font-weight: bold; }
+.ttrv-plan { color: #6b7280; }
+/* Galleries of small images (8x8 digits): the caption sits under the thumbnail instead of
+   over it, wraps instead of cutting the name, and pixels stay sharp. */
+.ttrv-gallery .thumbnail-item { display: flex; flex-direction: column; aspect-ratio: auto; }
+.ttrv-gallery .thumbnail-lg > img { flex: 1 1 auto; min-height: 0; height: auto;
+    aspect-ratio: 1; object-fit: contain; image-rendering: pixelated; }
+.ttrv-gallery .caption-label { position: static; max-width: none; white-space: normal;
+    overflow-wrap: anywhere; text-overflow: clip; border: none; border-radius: 0;
+    font-size: 11px; line-height: 1.25; padding: 2px 4px; }
 """
 
 # The first tab is the whole first-run path (model, images, task, Start, progress); the
@@ -74,11 +83,12 @@ def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
             draft=gr.State([]),
             header=header,
         )
-        wires = []
+        wires, tabs = [], {}
         with gr.Tabs(selected="adapt") as ctx.tabs:
             for title, module in TABS:
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     built = module.build(ctx) or {}
+                tabs[title] = tab
                 if "on_select" in built:
                     fn, inputs, outputs = built["on_select"]
                     event = tab.select(fn, inputs, outputs, api_visibility="private")
@@ -88,6 +98,10 @@ def create_app(store: Store, demo_dir: str | Path = DEMO_DIR) -> gr.Blocks:
                     wires.append(built["wire"])
         for wire in wires:  # events that use components of tabs built after their own
             wire()
+        # Inspect follows a run live only while it is shown (its refresh reads every image).
+        for title, tab in tabs.items():
+            tab.select(lambda shown=title == "Inspect": gr.Timer(active=shown), None,
+                       ctx.parts["inspect_timer"], api_visibility="private")  # fmt: skip
 
         def attach() -> tuple[str, Any, list, Any]:
             """A page (re)load lands on the run in progress, else the newest session, with
