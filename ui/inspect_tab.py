@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import charts
+from . import charts, review_panel
 from .draft import GALLERY_LIMIT
 from .state import Context, error, guarded, info
 
@@ -53,7 +53,8 @@ def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
 
 
 def guard_text(events: list[dict]) -> str:
-    shown = [e for e in events if e["kind"] in ("guard", "warning", "run_end")]
+    kinds = ("run_start", "forecast", "guard", "warning", "run_end", "review_applied")
+    shown = [e for e in events if e["kind"] in kinds]
     if not shown:
         return "No guard events."
     lines = []
@@ -64,6 +65,13 @@ def guard_text(events: list[dict]) -> str:
                          f"{html.escape(str(d.get('reason')))}")  # fmt: skip
         elif e["kind"] == "warning":
             lines.append(f"- ⚠ {html.escape(str(d.get('message')))}")
+        elif e["kind"] == "run_start":
+            if (d.get("split") or {}).get("note"):
+                lines.append(f"- watch pool: {html.escape(d['split']['note'])}")
+        elif e["kind"] == "forecast":
+            lines.append(f"- forecast: {html.escape(str(d.get('message')))}")
+        elif e["kind"] == "review_applied":
+            lines.append(f"- flip review applied: **{html.escape(str(d.get('decision')))}**")
         else:
             lines.append(f"- run ended: **{d.get('status')}** after {d.get('steps')} steps — "
                          f"{html.escape(str(d.get('reason') or ''))}")  # fmt: skip
@@ -146,6 +154,7 @@ def build(ctx: Context) -> dict[str, Any]:
     sign = gr.Markdown(elem_id="inspect-sign")
     with gr.Accordion("Guard events", open=False):
         guard = gr.Markdown(elem_id="inspect-guard")
+    panel = review_panel.build(ctx)
     shown_ids = gr.State([])
 
     @guarded(outputs=8)
@@ -242,6 +251,7 @@ def build(ctx: Context) -> dict[str, Any]:
     which.change(refresh, refresh_inputs, outs, api_visibility="private").then(
         show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
     )
+    refresh_btn.click(*panel["refresh"], api_visibility="private")  # the flip review too
     image_pick.input(show_image, [ctx.session, image_pick], detail_outs, api_name="inspect_image")
     gallery.select(pick, [shown_ids], image_pick, api_visibility="private").then(
         show_image, [ctx.session, image_pick], detail_outs, api_visibility="private"
