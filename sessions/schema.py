@@ -17,8 +17,10 @@ sqlite-utils is imported lazily (it pulls in pandas when installed), so importin
 from __future__ import annotations
 
 import errno
+import os
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -288,11 +290,42 @@ def build_migrations() -> Migrations:
     return migrations
 
 
-def connect(path: Path) -> Database:
+def writable(path: Path) -> bool:
+    """Whether the database at `path` (and its folder, where SQLite keeps the WAL files)
+    can be written by this process; False on a read-only folder or mount."""
+    folder_ok = os.access(path.parent, os.W_OK | os.X_OK)
+    return folder_ok and (not path.exists() or os.access(path, os.W_OK))
+
+
+def _probe(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection. `mode=ro` reads the WAL when its index (`-shm`) exists; in a
+    folder where SQLite cannot create that index it fails, and the file is opened as
+    `immutable` (what was checkpointed into the main file; nobody can write it here)."""
+    uri = "file:" + urllib.parse.quote(str(path.resolve()))
+    try:
+        return _probe(f"{uri}?mode=ro")
+    except sqlite3.Error:
+        return _probe(f"{uri}?immutable=1")
+
+
+def connect(path: Path, read_only: bool = False) -> Database:
     """A new connection (one per thread): foreign keys on, busy timeout, no plugins."""
     from sqlite_utils import Database
 
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    if read_only:
+        conn = _connect_read_only(path)
+    else:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     db = Database(conn, execute_plugins=False)
     db.execute("PRAGMA foreign_keys = ON")
     return db
@@ -307,6 +340,12 @@ def translate(exc: BaseException, doing: str) -> StoreError:
         return StoreError(
             f"The disk is full while {doing}; nothing of it was saved. Free some space "
             "(or move the data directory with $TTRV_DATA_DIR) and try again."
+        )
+    if "readonly database" in text or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
+        return StoreError(
+            f"The data directory is read-only, so nothing can be changed while {doing}: "
+            "sessions can be browsed, not run, edited or deleted. Open a writable data "
+            "directory (--data-dir or $TTRV_DATA_DIR) to work in it."
         )
     if "database is locked" in text or "database is busy" in text:
         return StoreError(
@@ -370,13 +409,45 @@ def _check_schema(db: Database, path: Path) -> None:
             )
 
 
-def open_database(path: Path) -> Database:
+def _open_read_only(path: Path) -> Database:
+    """Open an existing database for reading only (see `writable`); nothing is migrated."""
+    if not path.exists():
+        raise StoreError(
+            f"The data directory {path.parent} is read-only and holds no session database; "
+            "choose a writable data directory."
+        )
+    try:
+        db = connect(path, read_only=True)
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"{path} is not a readable SQLite database ({exc}); it was left untouched. "
+            "Move it away or choose another data directory."
+        ) from exc
+    try:
+        _check_schema(db, path)
+        applied = set(applied_versions(db))
+        pending = [name for name, _ in MIGRATIONS if name not in applied]
+        if pending:
+            raise StoreError(
+                f"{path} was written by an older TTRV workbench and must be upgraded before "
+                "it can be browsed, which needs write access; the data directory is read-only."
+            )
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def open_database(path: Path, read_only: bool = False) -> Database:
     """Check, then migrate, the database at `path` (created if absent); return a connection.
 
     Raises `StoreError`, leaving the file unchanged, when the file is not SQLite, is
     damaged, belongs to another program, or was written by a newer schema version.
+    `read_only`: open an existing, current database for browsing; nothing is written.
     """
     _check_header(path)
+    if read_only:
+        return _open_read_only(path)
     db = connect(path)
     try:
         try:

@@ -46,6 +46,7 @@ from .schema import (
     connect,
     open_database,
     translate,
+    writable,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +143,21 @@ def write_atomic(target: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def copy_path(source: Path, target: Path) -> None:
+    """Copy a file or a folder (recursively) to `target`.
+
+    Not `shutil.copytree`: it gathers per-file failures into one `shutil.Error` whose
+    errno is None, so a full disk would not be recognised as one (`schema.translate`).
+    Here the first `OSError` propagates as it is.
+    """
+    if not source.is_dir():
+        shutil.copy2(source, target)
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for child in sorted(source.iterdir()):
+        copy_path(child, target / child.name)
 
 
 def _norm(answer: str | None) -> str | None:
@@ -276,7 +292,9 @@ class Store:
     `Store(data_dir)` opens (creating, migrating) `<data_dir>/sessions.db`; `data_dir`
     defaults to `paths.default_data_dir()`. It raises `StoreError` and changes nothing
     when the file is not an SQLite database, is damaged, belongs to another program, or was
-    written by a newer schema version. Safe to share between threads.
+    written by a newer schema version. Safe to share between threads. A data directory this
+    process cannot write (a read-only folder or mount) opens read-only: `read_only` is True,
+    reads work, and every write raises a `StoreError` that says so.
     """
 
     def __init__(
@@ -297,7 +315,8 @@ class Store:
         self._open: weakref.WeakSet[Database] = weakref.WeakSet()
         self._files_lock = threading.RLock()
         self._closed = False
-        self._remember(open_database(self.db_path))
+        self.read_only = self.db_path.exists() and not writable(self.db_path)
+        self._remember(open_database(self.db_path, read_only=self.read_only))
 
     # -- connections and transactions ------------------------------------------------------
 
@@ -312,7 +331,7 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = self._remember(connect(self.db_path))
+                db = self._remember(connect(self.db_path, read_only=self.read_only))
             except sqlite3.Error as exc:
                 raise translate(exc, "opening the session database") from exc
         return db
@@ -797,6 +816,88 @@ class Store:
             )
         db["rollouts"].insert_all(rows)
 
+    # -- recorded runs (see `sessions.runs`) -----------------------------------------------
+
+    def record_step(
+        self, session_id: str, step: dict[str, Any], rollouts: dict[str, Any] | None
+    ) -> None:
+        """Write a step and its rollouts in one transaction: a reader (or a process killed
+        mid-way) sees both or neither, never rollouts without their step."""
+        with self._write("saving a step") as db:
+            try:
+                if rollouts is not None:
+                    self._on_rollouts(db, session_id, rollouts)
+                self._on_step(db, session_id, step)
+            except KeyError as exc:
+                raise StoreError(f"step event without {exc} (see ttrv/events.py).") from exc
+
+    def add_event(self, session_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Append an event to the session's log, with no other effect (unlike `sink`,
+        "run_end" here does not set the status)."""
+        with self._write(f"saving a {kind} event") as db:
+            self._session_row(db, session_id)
+            self._add_event(db, session_id, kind, data)
+            self._touch(db, session_id)
+
+    def status(self, session_id: str) -> str:
+        """The session's status alone (cheap enough to poll every step)."""
+        with self._read("reading a status") as db:
+            return self._session_row(db, session_id)["status"]
+
+    def rewind(self, session_id: str, step: int, round: int) -> dict[str, int]:
+        """Drop what a run recorded after a checkpoint at (`step`, `round`), before it is
+        resumed from there: steps and rollouts from `step` on, answers of later rounds,
+        "after" answers and later checkpoints. Returns the rows deleted per table."""
+        deleted: dict[str, int] = {}
+        with self._write(f"rewinding session {session_id} to step {step}") as db:
+            self._session_row(db, session_id)
+            for table in ("steps", "rollouts"):
+                deleted[table] = db.execute(
+                    f"DELETE FROM {table} WHERE session_id = ? AND step >= ?", [session_id, step]
+                ).rowcount
+            phases = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT phase FROM answers WHERE session_id = ?", [session_id]
+                )
+                if r[0] == "after"
+                or (r[0].startswith("round-") and int(r[0].split("-")[1]) > round)
+            ]
+            deleted["answers"] = sum(
+                db.execute(
+                    "DELETE FROM answers WHERE session_id = ? AND phase = ?", [session_id, ph]
+                ).rowcount
+                for ph in phases
+            )
+            deleted["checkpoints"] = db.execute(
+                "DELETE FROM checkpoints WHERE session_id = ? AND step > ?", [session_id, step]
+            ).rowcount
+            self._touch(db, session_id)
+        return deleted
+
+    def sessions_with_checkpoint(self, path: str | os.PathLike[str]) -> list[str]:
+        """Ids of the sessions that recorded a checkpoint from `path` (as the engine wrote
+        it, or as stored), newest first."""
+        resolved = Path(path).resolve()
+        found: list[str] = []
+        with self._read("finding a checkpoint's session") as db:
+            rows = self._rows(
+                db,
+                "SELECT e.session_id, e.data FROM events e JOIN sessions s ON s.id = "
+                "e.session_id WHERE e.kind = 'checkpoint' ORDER BY s.created DESC, e.id",
+            )
+            rows += self._rows(
+                db,
+                "SELECT c.session_id, json_object('path', c.path) AS data FROM checkpoints c "
+                "JOIN sessions s ON s.id = c.session_id ORDER BY s.created DESC, c.id",
+            )
+        for row in rows:
+            stored = Path(json.loads(row["data"]).get("path") or "")
+            stored = stored if stored.is_absolute() else self.data_dir / stored
+            if stored.resolve() == resolved and row["session_id"] not in found:
+                found.append(row["session_id"])
+        return found
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def adapter_dir(self, session_id: str, create: bool = True) -> Path:
@@ -837,10 +938,15 @@ class Store:
                 if not source.resolve().is_relative_to(folder.resolve()):
                     stored = folder / f"round{int(round)}-step{int(step)}{source.suffix}"
                     tmp = folder / f".tmp-{uuid.uuid4().hex}"
-                    if source.is_dir():
-                        shutil.copytree(source, tmp)
-                    else:
-                        shutil.copy2(source, tmp)
+                    try:
+                        copy_path(source, tmp)
+                    except BaseException:
+                        # A half-copied folder must not stay behind (export would ship it).
+                        if tmp.is_dir():
+                            shutil.rmtree(tmp, ignore_errors=True)
+                        else:
+                            tmp.unlink(missing_ok=True)
+                        raise
                     if stored.is_dir():
                         shutil.rmtree(stored)
                     elif stored.exists():

@@ -22,23 +22,14 @@ import traceback as tb
 from pathlib import Path
 from typing import Any
 
-from . import jobs, review
+from . import jobs, review, runs
+from .runs import oom_message as _oom_message
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10.0
-
-
-def _oom_message(exc: BaseException) -> str | None:
-    name = type(exc).__name__
-    text = str(exc)
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
-        return (
-            "Out of memory. Lower the rollouts per image (N), images per step or max new "
-            "tokens, or load the model in 4-bit."
-        )
-    return None
+# Statuses of a session whose adaptation failed before its `runs.Run` took it over.
+NOT_TAKEN_OVER = ("queued", "interrupted")
 
 
 def free_memory() -> None:
@@ -66,7 +57,10 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Worker:
-        self.store.mark_interrupted_on_start()
+        if self.store.read_only:  # browsing only: no job can be claimed or recorded
+            log.warning("the data directory %s is read-only: no jobs run", self.store.data_dir)
+            return self
+        runs.mark_interrupted(self.store)
         jobs.recover(self.store)
         self._thread = threading.Thread(target=self._loop, name="ttrv-worker", daemon=True)
         self._thread.start()
@@ -98,12 +92,15 @@ class Worker:
             jobs.finish(self.store, job["id"], "done", result=result)
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then we go on
             trace = tb.format_exc()
-            message = _oom_message(exc) or f"{type(exc).__name__}: {exc}"
+            message = runs.failure_message(exc)
             log.error("job %s failed: %s", job["id"], message)
             jobs.finish(self.store, job["id"], "failed", error=message, traceback=trace)
+            # An adaptation's `runs.Run` records its own end (once); other jobs, and an
+            # adaptation that failed before its run took the session over, end here.
             if sid is not None:
                 with contextlib.suppress(Exception):
-                    self.store.set_status(sid, "failed", error=message, traceback=trace)
+                    if job["kind"] != "adapt" or self.store.status(sid) in NOT_TAKEN_OVER:
+                        self.store.set_status(sid, "failed", error=message, traceback=trace)
             if _oom_message(exc):
                 self._drop_model()
             if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -200,50 +197,31 @@ class Worker:
             raise ValueError("This session has no images: add at least one image.")
         return items
 
-    def _heartbeat(self, sid: str) -> tuple[threading.Event, threading.Thread]:
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(HEARTBEAT_S):
-                with contextlib.suppress(Exception):
-                    self.store.heartbeat(sid)
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{sid}", daemon=True)
-        thread.start()
-        return done, thread
-
     def _job_adapt(self, job: dict[str, Any]) -> dict[str, Any]:
         from ttrv.adapt import adapt
         from ttrv.lora import save_adapter
 
         sid = job["session_id"]
-        self.store.set_status(sid, "running")
-        done, beat = self._heartbeat(sid)
-        try:
+        resume = None
+        if job["request"].get("resume"):
+            ckpt = self.store.latest_checkpoint(sid)
+            if ckpt is None or ckpt["missing"]:
+                # Said before the run takes the session over (which would mark it failed).
+                raise FileNotFoundError(
+                    "No checkpoint to resume from: start the adaptation again instead."
+                )
+            resume = ckpt["path"]
+        with runs.Run(self.store, sid, resume_from=resume) as run:
             cfg, items, loaded = self._session_setup(sid)
-            resume = None
-            if job["request"].get("resume"):
-                ckpt = self.store.latest_checkpoint(sid)
-                if ckpt is None or ckpt["missing"]:
-                    raise FileNotFoundError(
-                        "No checkpoint to resume from: start the adaptation again instead."
-                    )
-                resume = ckpt["path"]
             out = self.store.adapter_dir(sid)
-
-            def stop() -> bool:
-                return self.store.get_session(sid)["status"] == "stopping"
-
             result = adapt(
-                loaded, items, cfg, self.store.sink(sid), stop, output_dir=out,
+                loaded, items, cfg, run.sink, run.stop_requested, output_dir=out,
                 resume_from=resume,
             )  # fmt: skip
-            if result.checkpoint is None:
-                final = save_adapter(loaded.model, out / f"final-step-{result.steps}")
-                self.store.add_checkpoint(sid, -1, result.steps, final.parent)
-        finally:
-            done.set()
-            beat.join(1)
+            adapter = result.checkpoint
+            if adapter is None:
+                adapter = save_adapter(loaded.model, out / f"final-step-{result.steps}")
+            run.finish(result, adapter)
         return {"status": result.status, "steps": result.steps, "reason": result.reason}
 
     def _answer_phase(self, sid: str, phase: str, with_adapter: bool) -> dict[str, Any]:

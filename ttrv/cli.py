@@ -176,6 +176,38 @@ def _progress(total: int):
     return sink
 
 
+class _Unrecorded:
+    """The run recorder without `--store`: the output folder is the whole record. Has the
+    interface of `sessions.runs.Run`, which records the run as an app session."""
+
+    def __enter__(self) -> _Unrecorded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def sink(self, kind: str, data: dict[str, Any]) -> None:
+        return None
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def record_review(self, review: dict[str, Any]) -> None:
+        return None
+
+    def finish(self, result: Any, adapter: Path) -> str:
+        return result.status
+
+
+def _store_front_end() -> Any:
+    """`sessions.runs`, the one recorded-run lifecycle the app's worker uses too. Looked up
+    when `--store` is given, by name, so that the engine package (`ttrv`) does not depend
+    on the session store: it runs without it."""
+    import importlib
+
+    return importlib.import_module("sessions.runs")
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
     base = json.loads(args.config.read_text()) if args.config else None
     cfg = config_from_args(args, base)
@@ -188,51 +220,56 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
+    runs = _store_front_end() if args.store else None
+    # The store's errors (a full disk among them) carry a message that says what to do.
+    store_errors: tuple[type[BaseException], ...] = (
+        (runs.StoreError, runs.DiskFullError) if runs else ()
+    )
+    try:
+        return _adapt_recorded(args, cfg, items, out, runs)
+    except store_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _adapt_recorded(
+    args: argparse.Namespace, cfg: AdaptConfig, items: list[Any], out: Path, runs: Any
+) -> int:
     from .adapt import adapt, steps_per_run
     from .evaluate import accuracy
     from .events import JsonlSink, fanout
     from .loading import load_model
     from .lora import attach_lora, save_adapter
 
-    print(f"loading {cfg.model.model} ...", file=sys.stderr)
-    loaded = load_model(cfg.model)
-    loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
-    sinks = [JsonlSink(out / "events.jsonl"), _progress(steps_per_run(cfg, len(items)))]
-    store_sink = None
-    if args.store:
-        from sessions.store import Store
-
-        store = Store(args.data_dir)
-        sid = store.create_session(
-            args.name or out.name, cfg.to_dict(), cfg.model.model, cfg.task.kind
+    recorder: Any = _Unrecorded()
+    if runs is not None:
+        # The session first: a resume into a session that is still running elsewhere is
+        # refused before the model is loaded.
+        recorder = runs.cli_run(args.data_dir, out, cfg, items, args.name, args.resume)
+        print(f"session {recorder.session_id} in {recorder.store.data_dir}", file=sys.stderr)
+    with recorder:
+        print(f"loading {cfg.model.model} ...", file=sys.stderr)
+        loaded = load_model(cfg.model)
+        loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
+        jsonl = JsonlSink(out / "events.jsonl")
+        sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
+        result = adapt(
+            loaded, items, cfg, sink, recorder.stop_requested, output_dir=out,
+            resume_from=args.resume,
+        )  # fmt: skip
+        # What the run changed, before a review may revert it.
+        changed = sum(
+            b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
         )
-        store.add_images(sid, items)
-        store.set_status(sid, "running")
-        store_sink = store.sink(sid)
-        sinks.append(store_sink)
-        print(f"session {sid} in {store.data_dir}", file=sys.stderr)
-    try:
-        result = adapt(loaded, items, cfg, fanout(*sinks), output_dir=out, resume_from=args.resume)
-    except BaseException as e:
-        if args.store:
-            store.set_status(sid, "failed", error=str(e))
-        raise
-    # What the run changed, before a review may revert it.
-    changed = sum(
-        b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
-    )
-    accuracy_run = accuracy(result.after, items, cfg.task)
-    review = None
-    if args.review:
-        review = play_review(loaded.model, result, items, cfg, args.review, out)
-        sinks[0]("review", review)  # events.jsonl
-        if store_sink is not None:
-            store_sink("review_applied", {"decision": review["applied"], **review})
-            for image_id, mark in review["marks"].items():
-                store.set_review_mark(sid, image_id, mark)
-    adapter = save_adapter(loaded.model, out / "adapter")
-    if args.store:
-        store.set_status(sid, "done" if result.status != "stopped" else "stopped")
+        accuracy_run = accuracy(result.after, items, cfg.task)
+        review = None
+        if args.review:
+            review = play_review(loaded.model, result, items, cfg, args.review, out)
+            jsonl("review", review)
+            recorder.record_review(review)
+        # The adapter is on disk before the session may say "done".
+        adapter = save_adapter(loaded.model, out / "adapter")
+        recorder.finish(result, adapter)
     summary = {
         "status": result.status,
         "reason": result.reason,
