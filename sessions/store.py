@@ -17,6 +17,7 @@ data-directory layout and `schema` for the tables and their migrations.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -160,12 +161,19 @@ def copy_path(source: Path, target: Path) -> None:
         copy_path(child, target / child.name)
 
 
+@functools.lru_cache(maxsize=4096)  # a session holds few distinct answers, many times over
 def _norm(answer: str | None) -> str | None:
     return None if answer is None else " ".join(str(answer).split()).casefold()
 
 
 def _same(a: str | None, b: str | None) -> bool | None:
     return None if a is None or b is None else _norm(a) == _norm(b)
+
+
+def _last_round(phases: Iterable[str]) -> str | None:
+    """The "round-k" phase with the largest k, or None."""
+    rounds = [p for p in phases if p.startswith("round-")]
+    return max(rounds, key=lambda p: int(p[6:])) if rounds else None
 
 
 def _parse_json_columns(table: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -660,19 +668,24 @@ class Store:
         if limit is not None or offset:
             where += " LIMIT ? OFFSET ?"
             params += [-1 if limit is None else int(limit), int(offset)]
+        keys = ("image_id", "name", "position", "label", "question", "options", "sha256",
+                "width", "height", "path", "thumb")  # fmt: skip
         with self._read("listing images") as db:
             self._session_row(db, session_id)
-            rows = self._rows(
-                db,
+            found = db.execute(
                 "SELECT si.image_id, si.name, si.position, si.label, si.question, si.options, "
                 "si.sha256, i.width, i.height, i.path, i.thumb FROM session_images si "
                 f"LEFT JOIN images i ON i.id = si.sha256 WHERE {where}",
                 params,
-            )
-        for r in rows:
+            ).fetchall()
+        root = str(self.data_dir)  # os.path.join: a Path per file costs ~10 us x 20,000
+        rows = []
+        for values in found:
+            r = dict(zip(keys, values, strict=True))
             _parse_json_columns("session_images", r)
             for key in ("path", "thumb"):
-                r[key] = str(self.data_dir / r[key]) if r[key] else None
+                r[key] = os.path.join(root, r[key]) if r[key] else None
+            rows.append(r)
         return rows
 
     # -- engine events ---------------------------------------------------------------------
@@ -1172,8 +1185,7 @@ class Store:
         for image in images:
             seen = phases.get(image[0], {})
             before = seen.get("before", (None, None))
-            rounds = sorted((p for p in seen if p.startswith("round-")), key=lambda p: int(p[6:]))
-            after_phase = "after" if "after" in seen else (rounds[-1] if rounds else None)
+            after_phase = "after" if "after" in seen else _last_round(seen)
             after = seen[after_phase] if after_phase else (None, None)
             label = image[3]
             same = _same(before[0], after[0])

@@ -182,6 +182,17 @@ def test_images_pages_and_one_image_match_the_whole_read(store: Store, session: 
     """`images` with image_id / limit / offset returns slices of the whole list."""
     full = store.images(session)
     assert len(full) == 14
+    rel = (
+        store._db()
+        .execute(
+            "SELECT i.path, i.thumb FROM session_images si JOIN images i ON i.id = si.sha256 "
+            "WHERE si.session_id = ? ORDER BY si.position LIMIT 1",
+            [session],
+        )
+        .fetchone()
+    )
+    assert (full[0]["path"], full[0]["thumb"]) == tuple(str(store.data_dir / r) for r in rel)
+    assert full[-1]["path"] is None  # known only from run_start
     assert [store.images(session, r["image_id"])[0] for r in full] == full
     assert store.images(session, limit=5, offset=3) == full[3:8]
     assert store.images(session, offset=12) == full[12:]
