@@ -97,6 +97,7 @@ class Spec:
     dtype: str = "auto"
     quantization: str = "none"
     threads: int = 1
+    trl_optim: str = "adamw_torch_fused"  # TRL's default with torch >= 2.8; ours is fused too
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -370,10 +371,12 @@ def load_ours(spec: Spec, cfg: Any) -> tuple[Any, Any, list[Any], Any]:
     return loaded, policy, params, optimizer
 
 
-def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
+def run_ours(spec: Spec, policy_hook: Any = None, step_hook: Any = None) -> dict[str, Any]:
     """`spec.steps` steps of `ttrv.adapt.run_step` (rollouts, rewards, one GRPO update each).
 
-    `policy_hook(policy)` may change the policy before the first step (bench.scaling).
+    `policy_hook(policy)` may change the policy before the first step (bench.scaling);
+    `step_hook(steps_done)` runs before the first step (0) and after each step
+    (bench.host_ops starts and stops its profiler there).
     """
     from ttrv.adapt import run_step
 
@@ -392,6 +395,8 @@ def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
     clock = StepClock(device)
     tokens, skipped, reward = [], [], []
     steps_per_round = max(1, len(items) // spec.images_per_step)
+    if step_hook is not None:
+        step_hook(0)
     for step in range(spec.steps):
         batch = batch_for_step(items, spec, step)
         clock.start()
@@ -399,6 +404,8 @@ def run_ours(spec: Spec, policy_hook: Any = None) -> dict[str, Any]:
             policy, batch, cfg, step, step // steps_per_round, optimizer, params
         )
         clock.stop()
+        if step_hook is not None:
+            step_hook(step + 1)
         tokens.append(record.tokens)
         skipped.append(record.groups_skipped)
         reward.append(record.reward_mean)

@@ -18,7 +18,8 @@ differs from our maths or could change the work:
   step per batch of rollouts, so old log-probs are the detached current ones (ratio 1).
 - activation (gradient) checkpointing off: TRL turns it on by default; we never recompute.
 - per_device_train_batch_size = images per step x N; num_generations = N.
-- AdamW (torch, not fused), constant learning rate, no warm-up, no weight decay, grad clip.
+- AdamW (torch, fused: TRL's default and ours; `Spec.trl_optim`), constant learning rate,
+  no warm-up, no weight decay, grad clip.
 - Sampling: temperature, top_p 1, top_k 0, no repetition penalty, max_completion_length =
   max new tokens, the same suppressed token ids (`generation_kwargs`), the same EOS ids.
 - The reward function decodes each completion, extracts its canonical answer
@@ -102,7 +103,7 @@ def grpo_args(cfg: Any, spec: Spec, output_dir: str, suppress: list[int]) -> Any
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=cfg.optim.weight_decay,
-        optim="adamw_torch",
+        optim=spec.trl_optim,  # adamw_torch_fused: TRL's default, as ours (make_optimizer)
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
@@ -192,21 +193,31 @@ def make_trl_reward(cfg: Any, tokens: list[int] | None = None) -> Any:
     return ttrv_reward
 
 
-def _step_clock_callback(clock: StepClock) -> Any:
+def _step_clock_callback(clock: StepClock, step_hook: Any = None) -> Any:
+    """Times each step; `step_hook(steps_done)` runs at train begin (0) and each step end."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if step_hook is not None:
+                step_hook(0)
             clock.start()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             clock.stop()  # the interval since the previous step's end: the whole step
+            if step_hook is not None:
+                step_hook(state.global_step)
+                clock.start()  # the hook's own time is not the next step's
 
     return Clock()
 
 
 def build_trainer(
-    spec: Spec, output_dir: str, clock: StepClock | None = None, tokens: list | None = None
+    spec: Spec,
+    output_dir: str,
+    clock: StepClock | None = None,
+    tokens: list | None = None,
+    step_hook: Any = None,
 ) -> tuple:
     """(trainer, loaded, cfg): GRPOTrainer on a freshly loaded copy of the spec's model."""
     from trl import GRPOTrainer
@@ -223,18 +234,19 @@ def build_trainer(
         train_dataset=trl_dataset(bench_items(spec.pool, spec.seed), cfg.task),
         processing_class=loaded.processor,
         peft_config=peft_config(cfg),
-        callbacks=[_step_clock_callback(clock)] if clock is not None else None,
+        callbacks=[_step_clock_callback(clock, step_hook)] if clock is not None else None,
     )
     return trainer, loaded, cfg
 
 
-def run_trl(spec: Spec) -> dict[str, Any]:
-    """`spec.steps` GRPOTrainer steps; timing per step from the trainer's step-end callback."""
+def run_trl(spec: Spec, step_hook: Any = None) -> dict[str, Any]:
+    """`spec.steps` GRPOTrainer steps; timing per step from the trainer's step-end callback
+    (`step_hook(steps_done)` as in `bench.speed.run_ours`)."""
     setup_torch(spec)
     device = resolved_device(spec)
     clock, tokens = StepClock(device), []
     with tempfile.TemporaryDirectory() as out:
-        trainer, loaded, _ = build_trainer(spec, out, clock, tokens)
+        trainer, loaded, _ = build_trainer(spec, out, clock, tokens, step_hook)
         rss_loaded = rss_mib()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
