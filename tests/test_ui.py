@@ -361,11 +361,34 @@ def test_run_headline_reads_accuracy_changes_and_guard():
     text = run_headline(session, [])
     assert "**Run done** after 12 steps" in text and "50.0% → 62.5%" in text
     assert "**2 of 8** answers changed" in text and "guard: no rollback" in text
-    rollback = {"kind": "guard", "data": {"action": "rollback", "step": 6, "reason": "collapse"}}
-    assert "rolled back** at step 6 (collapse)" in run_headline(session, [rollback])
+    rollback = {"kind": "guard", "data": {"action": "rollback", "step": 6, "reason": "collapse",
+                                          "rolled_back_to": "the unadapted model"}}  # fmt: skip
+    text = run_headline(session, [rollback])
+    assert "rolled back to the unadapted model** at step 6 (collapse)" in text
+    assert "Flip review" in text  # 2 answers changed: the way to settle it is named
+    reviewed = {"kind": "review_applied", "data": {"decision": "revert"}}
+    assert "flip review: **revert** applied" in run_headline(session, [rollback, reviewed])
     off = {**session, "config": {"guard": {"guard": False}}}
     assert "guard: off" in run_headline(off, [])
     assert run_headline({**session, "status": "running"}, []) == ""
+    # before and during a run: the watch-pool note and the forecast
+    plan = [
+        {"kind": "run_start", "data": {"split": {"note": "Adapting on 80 of 100 images"}}},
+        {"kind": "forecast", "data": {"message": "Little to gain: greedy already is the vote"}},
+    ]
+    live = run_headline({**session, "status": "running"}, plan)
+    assert "Watch pool: Adapting on 80 of 100" in live and "Forecast: Little to gain" in live
+
+
+def test_progress_counts_only_the_images_adapted_on():
+    """A session of 100 images holds 20 out as the guard's watch pool: 80 are trained on."""
+    from ui import charts
+
+    config = {"optim": {"rounds": 1, "images_per_step": 4}}
+    assert charts.adapted_images(100, config) == 80
+    assert charts.progress([], config, 100, "running").total == 20
+    off = {**config, "guard": {"guard": False}}
+    assert charts.progress([], off, 100, "running").total == 25
 
 
 # -- the app through its API --------------------------------------------------------------------

@@ -158,7 +158,8 @@ def build(ctx: Context) -> dict[str, Any]:
         except BaseException:
             ctx.store.delete_session(sid)  # a refused start leaves nothing behind
             raise
-        n_steps = charts.total_steps(len(draft), cfg.optim.rounds, cfg.optim.images_per_step)
+        n_adapt = charts.adapted_images(len(draft), cfg.to_dict())
+        n_steps = charts.total_steps(n_adapt, cfg.optim.rounds, cfg.optim.images_per_step)
         notes = checks.task_notes(cfg.model.model, cfg.task)
         if model_card.domain_warning(cfg.model.model, draft):
             notes.append("Some images do not look like this model's training data (see above).")

@@ -95,6 +95,7 @@ def progress(steps: list[dict[str, Any]], config: dict[str, Any], n_images: int,
     optim = config.get("optim", {})
     rounds = int(optim.get("rounds", 1))
     per_step = int(optim.get("images_per_step", 1))
+    n_images = adapted_images(n_images, config)
     planned = total_steps(n_images, rounds, per_step)
     skip = bool(optim.get("skip_converged", True)) and converged
     total = planned_steps(n_images, rounds, per_step, steps, converged) if skip else planned
@@ -196,8 +197,9 @@ def run_headline(session: dict[str, Any], events: list[dict[str, Any]]) -> str:
     """A finished run in one line: status and steps, accuracy before -> after (labelled
     images), answers changed, and what the guard did; "" while it is active."""
     status = session["status"]
+    before_run = run_plan_lines(events)
     if status in ACTIVE:
-        return ""
+        return "\n\n".join(before_run)
     h = session["headline"]
     parts = [f"**Run {status}** after {h.get('steps') or 0} steps"]
     if h.get("accuracy_before") is not None or h.get("accuracy_after") is not None:
@@ -211,15 +213,44 @@ def run_headline(session: dict[str, Any], events: list[dict[str, Any]]) -> str:
                  if e["kind"] == "guard" and e["data"].get("action") == "rollback"]  # fmt: skip
     if rollbacks:
         d = rollbacks[-1]
+        target = d.get("rolled_back_to") or "the last healthy checkpoint"
         parts.append(
-            f"guard: **rolled back** at step {d.get('step')} ({d.get('reason')}); the "
-            "adapter is the last healthy one"
+            f"guard: **rolled back to {html.escape(str(target))}** at step {d.get('step')} "
+            f"({html.escape(str(d.get('reason')))})"
         )
     elif session.get("config", {}).get("guard", {}).get("guard", True):
         parts.append("guard: no rollback")
     else:
         parts.append("guard: off")
-    return " · ".join(parts)
+    reviews = [e["data"] for e in events if e["kind"] == "review_applied"]
+    if reviews:
+        parts.append(f"flip review: **{reviews[-1].get('decision')}** applied")
+    elif h.get("flipped"):
+        parts.append("settle it in Inspect → Flip review (a few marks give a verdict)")
+    return "\n\n".join([" · ".join(parts), *before_run])
+
+
+def run_plan_lines(events: list[dict[str, Any]]) -> list[str]:
+    """The watch-pool note and the forecast a run made before training (latest run)."""
+    lines = []
+    starts = [e["data"] for e in events if e["kind"] == "run_start" and e["data"].get("split")]
+    if starts:
+        lines.append(f"Watch pool: {html.escape(starts[-1]['split']['note'])}")
+    forecasts = [e["data"] for e in events if e["kind"] == "forecast"]
+    if forecasts:
+        lines.append(f"Forecast: {html.escape(str(forecasts[-1].get('message')))}")
+    return lines
+
+
+def adapted_images(n_images: int, config: dict[str, Any]) -> int:
+    """How many of a session's images a run trains on (the guard's watch pool is not)."""
+    from ttrv.config import AdaptConfig, ConfigError
+    from ttrv.watch import split_sizes
+
+    try:
+        return split_sizes(n_images, AdaptConfig.from_dict(config))[0]
+    except (ConfigError, TypeError, ValueError):  # an older session's config: count all
+        return n_images
 
 
 # -- curves ------------------------------------------------------------------------------------
