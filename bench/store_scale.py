@@ -213,8 +213,8 @@ def _image_stats(rollouts: list[dict]) -> dict[str, Any]:
 
 def _all_image_stats(store: Any, sid: str, rows: list[dict]) -> dict[str, dict]:
     """Per-image consensus/invalid at the latest step, as Inspect's overview gets them."""
-    if hasattr(store, "image_stats"):
-        return store.image_stats(sid)
+    if hasattr(store, "rollout_stats"):  # one query (since migration 0004)
+        return store.rollout_stats(sid)
     return {r["image_id"]: _image_stats(store.rollouts(sid, r["image_id"])) for r in rows}
 
 
@@ -240,9 +240,9 @@ def _matches(row: dict, stats: dict, which: str) -> bool:
 
 def inspect_image(store: Any, sid: str, image_id: str) -> int:
     """ui/inspect_tab.py `show_image`: one image's answers, file, rollouts, config."""
-    if hasattr(store, "answer"):
-        row = store.answer(sid, image_id)
-        image = store.image(sid, image_id)
+    if hasattr(store, "rollout_stats"):  # answers/images take an image_id since 0004
+        row = store.answers(sid, image_id)[0]
+        image = store.images(sid, image_id)[0]
     else:
         row = next(r for r in store.answers(sid) if r["image_id"] == image_id)
         image = next(i for i in store.images(sid) if i["image_id"] == image_id)
@@ -256,7 +256,9 @@ def adapt_redraw(store: Any, sid: str, active: bool) -> int:
     session = store.get_session(sid)
     steps = store.metrics(sid)
     store.converged_images(sid)
-    if active:
+    if active and hasattr(store, "answer_phases"):  # has the baseline / final pass run?
+        store.answer_phases(sid)
+    elif active:
         store.answers(sid)
     else:
         store.events(sid)
@@ -287,6 +289,7 @@ def reads(store: Any, ids: dict[str, str], tmp: Path) -> list[tuple[str, Callabl
         ("answers(A)", lambda: store.answers(a)),
         ("images(A)", lambda: store.images(a)),
         ("rollouts(A, one image)", lambda: store.rollouts(a, one)),
+        ("answers(A, limit=300)", lambda: store.answers(a, limit=300, offset=300)),
         ("Adapt: redraw, run active", lambda: adapt_redraw(store, a, True)),
         ("Adapt: redraw, run ended", lambda: adapt_redraw(store, a, False)),
         ("Inspect: overview (all)", lambda: inspect_overview(store, a)),

@@ -1205,6 +1205,18 @@ class Store:
             )
         return out
 
+    def answer_phases(self, session_id: str) -> dict[str, int]:
+        """{phase: answers given in it (None answers not counted)} for each phase the
+        session has answer rows in: whether the baseline or the final pass has run,
+        without reading every image's answers."""
+        with self._read("reading answer phases") as db:
+            self._session_row(db, session_id)
+            rows = db.execute(
+                "SELECT phase, count(answer) FROM answers WHERE session_id = ? GROUP BY phase",
+                [session_id],
+            ).fetchall()
+        return dict(rows)
+
     def converged_images(self, session_id: str) -> dict[str, int]:
         """{image_id: first step at which all of its rollouts gave one valid answer}: the
         images `optim.skip_converged` drops from later rounds (`ttrv.adapt.is_converged`)."""

@@ -178,6 +178,18 @@ def test_answers_pages_and_one_image_match_the_whole_read(store: Store, session:
     assert (edge1["after_phase"], edge1["after"], edge1["flipped"]) == ("round-10", "4", True)
 
 
+def test_answer_phases_say_what_the_answers_hold(store: Store, session: str) -> None:
+    """The Adapt tab's "has the baseline / final pass run?" without every image's answers:
+    the same verdicts as scanning the rows."""
+    rows = legacy_answers(store, session)
+    phases = store.answer_phases(session)
+    assert (phases.get("before", 0) > 0) == any(r["before"] is not None for r in rows)
+    assert ("after" in phases) == any(r["after_phase"] == "after" for r in rows)
+    assert phases["round-10"] == 1
+    empty = store.create_session("empty", {}, "m", "open")
+    assert store.answer_phases(empty) == {}
+
+
 def test_images_pages_and_one_image_match_the_whole_read(store: Store, session: str) -> None:
     """`images` with image_id / limit / offset returns slices of the whole list."""
     full = store.images(session)

@@ -233,11 +233,8 @@ def build(ctx: Context) -> dict[str, Any]:
         converged = ctx.store.converged_images(sid) if steps else {}
         p = charts.progress(steps, session["config"], session["headline"]["images"],
                             session["status"], converged)  # fmt: skip
-        answers = ctx.store.answers(sid) if active else []
-        phase = charts.phase_text(
-            p, any(a["before"] is not None for a in answers),
-            any(a["after_phase"] == "after" for a in answers),
-        )  # fmt: skip
+        phases = ctx.store.answer_phases(sid) if active else {}  # not every image's answers
+        phase = charts.phase_text(p, phases.get("before", 0) > 0, "after" in phases)
         if not active and session.get("reason"):
             phase = session["reason"]
         if session.get("error"):
