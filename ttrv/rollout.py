@@ -13,6 +13,7 @@ encoded), so the caller can drop them and repeat the call with the rest.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +198,89 @@ class Policy:
         return kwargs
 
 
+# -- sampling keyed by rollout ---------------------------------------------------------------
+# `generate(do_sample=True)` draws from one global generator, so a row's tokens depend on
+# which rows share the call: the images of a step, and so the process count under data
+# parallelism. Keyed sampling makes each rollout row's randomness a function of its key
+# (seed, step, image, row) and the token position alone: Gumbel-max with counter-based
+# noise. argmax(logits / T + g), g = -log(-log u), u uniform, is a draw from
+# softmax(logits / T), so generate runs greedy (do_sample=False) over the scores below.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit hash (xorshift-multiply rounds) of int64 values in [0, 2**32).
+    Multipliers below 2**31 keep every product below 2**63: no int64 overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def row_keys(stream: str, image_id: str, rows: range) -> torch.Tensor:
+    """Two 32-bit keys per rollout row of one image: [len(rows), 2] int64."""
+    keys = []
+    for row in rows:
+        digest = hashlib.blake2b(f"{stream}|{image_id}|{row}".encode(), digest_size=8).digest()
+        keys.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
+    return torch.tensor(keys, dtype=torch.int64).reshape(-1, 2)
+
+
+def hashed_vocab(size: int, device: torch.device) -> torch.Tensor:
+    """The token ids 0..size-1, hashed: [V] int64 (computed once per generate call)."""
+    return _mix32(torch.arange(size, device=device))
+
+
+def gumbel_noise(keys: torch.Tensor, position: int, vocab: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [R, V] for the rows' keys [R, 2] at one generated position, over the
+    hashed token ids `vocab` [V] (`hashed_vocab`)."""
+    step = (keys[:, 1] + position * 0x9E3779B9) & _M32  # [R]: a fresh stream per position
+    h = _mix32(keys[:, 0] ^ _mix32(step))  # [R]
+    bits = _mix32(_mix32(h[:, None] ^ vocab[None, :]))  # [R, V]
+    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # [R, V] in (0, 1), exact in float32
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler:
+    """A logits processor that makes greedy decoding sample: temperature, then top-p (as
+    transformers' warpers do), then Gumbel noise keyed per row. Runs after generate's own
+    processors, so suppressed tokens (-inf) stay suppressed."""
+
+    def __init__(self, keys: torch.Tensor, temperature: float, top_p: float) -> None:
+        self.keys = keys  # [R, 2]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.start: int | None = None  # input width at the first generated token
+        self.vocab: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:  # positions count from the first generated token, so left
+            self.start = input_ids.shape[1]  # padding (which rows share a call) cannot matter
+            self.keys = self.keys.to(scores.device)
+            self.vocab = hashed_vocab(scores.shape[-1], scores.device)
+        scores = scores / self.temperature  # [R, V]
+        if self.top_p < 1.0:
+            from transformers import TopPLogitsWarper
+
+            scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
+        noise = gumbel_noise(self.keys, input_ids.shape[1] - self.start, self.vocab)
+        return scores + noise.to(scores.dtype)
+
+
+def keyed_kwargs(gen_kwargs: dict[str, Any], keys: torch.Tensor) -> dict[str, Any]:
+    """Sampling `gen_kwargs` turned into a greedy call whose rows draw from their keys
+    [R, 2] (one per row of the call, in row order)."""
+    from transformers import LogitsProcessorList
+
+    kwargs = dict(gen_kwargs)
+    sampler = KeyedSampler(keys, kwargs.pop("temperature"), kwargs.pop("top_p"))
+    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                  logits_processor=LogitsProcessorList([sampler]))  # fmt: skip
+    return kwargs
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Memory is not a property of one image: such errors are never blamed on an image."""
     return isinstance(error, MemoryError | torch.OutOfMemoryError)
@@ -224,29 +308,16 @@ def wants_token_type_ids(model: Any) -> bool:
     return "token_type_ids" in inspect.signature(hf_model(model).forward).parameters
 
 
-def _trim_ids(ids: list[int], eos: list[int], pad: int) -> list[int]:
+def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
+    """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
     out = []
-    for t in ids:
+    for t in tokens.tolist():
         out.append(t)
         if t in eos:
             break
     while out and out[-1] == pad and pad not in eos:
         out.pop()
-    return out
-
-
-def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
-    """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
-    return torch.tensor(_trim_ids(tokens.tolist(), eos, pad), dtype=torch.long)
-
-
-def trim_rows(
-    tokens: torch.Tensor, eos: list[int], pad: int
-) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """`trim_completion` of every row of host tokens [R, T], read into Python once: (each
-    row's trimmed tokens as a view [L_i], the same as lists of ids)."""
-    ids = [_trim_ids(row, eos, pad) for row in tokens.tolist()]
-    return [tokens[i, : len(r)] for i, r in enumerate(ids)], ids
+    return torch.tensor(out, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -275,7 +346,7 @@ def sample(
     return out[:, enc.length :].cpu()  # [n, T]; one copy to the host, not one per row
 
 
-def decode(tokenizer: Any, tokens: torch.Tensor | list[int]) -> str:
+def decode(tokenizer: Any, tokens: torch.Tensor) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
@@ -343,6 +414,7 @@ def sample_many(
     counts: list[int],
     gen_kwargs: dict[str, Any],
     batch_tokens: int | None = None,
+    keys: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Continuations of several prompts in one generate call: [counts[i], T] per prompt.
 
@@ -350,7 +422,9 @@ def sample_many(
     (one batched prefill) and each one's KV cache is repeated for its rows; otherwise every
     row carries its prompt. Models whose inputs cannot be stacked sample prompt by prompt.
     With `batch_tokens`, prompts are split over several calls so that none holds more
-    tokens than that (a prompt's rows are never split).
+    tokens than that (a prompt's rows are never split). With `keys` (per prompt, [counts[i],
+    2]) each row samples from its own keyed noise (`KeyedSampler`): the same tokens
+    whichever prompts share the call.
     """
     if batch_tokens is not None and len(encoded) > 1:
         new = gen_kwargs["max_new_tokens"]
@@ -362,26 +436,36 @@ def sample_many(
                 out
                 for chunk in chunks
                 for out in sample_many(
-                    policy, [encoded[i] for i in chunk], [counts[i] for i in chunk], gen_kwargs
+                    policy,
+                    [encoded[i] for i in chunk],
+                    [counts[i] for i in chunk],
+                    gen_kwargs,
+                    keys=[keys[i] for i in chunk] if keys is not None else None,
                 )
             ]
     if not stackable(encoded):
-        return _sample_each(policy, encoded, counts, gen_kwargs)
+        return _sample_each(policy, encoded, counts, gen_kwargs, keys=keys)
     try:
-        return _sample_stacked(policy, encoded, counts, gen_kwargs)
+        return _sample_stacked(policy, encoded, counts, gen_kwargs, keys)
     except Exception as e:
         if _out_of_memory(e):
             raise
         # One image's inputs can break the whole batch; prompt by prompt, only its own
         # prompts fail and `_sample_each` names it. (Good batches never get here, and a
         # batch that failed for every image re-raises this error.)
-        return _sample_each(policy, encoded, counts, gen_kwargs, batch_error=e)
+        return _sample_each(policy, encoded, counts, gen_kwargs, batch_error=e, keys=keys)
 
 
 def _sample_stacked(
-    policy: Policy, encoded: list[Encoded], counts: list[int], gen_kwargs: dict[str, Any]
+    policy: Policy,
+    encoded: list[Encoded],
+    counts: list[int],
+    gen_kwargs: dict[str, Any],
+    keys: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """All prompts in one generate call (the fast path; see `sample_many`)."""
+    if keys is not None:
+        gen_kwargs = keyed_kwargs(gen_kwargs, torch.cat(keys))  # rows come prompt by prompt
     model, device = policy.model, encoded[0].input_ids.device
     ids = left_pad([e.input_ids for e in encoded], policy.pad)  # [M, P]
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
@@ -403,6 +487,7 @@ def _sample_each(
     counts: list[int],
     gen_kwargs: dict[str, Any],
     batch_error: Exception | None = None,
+    keys: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor | None]:
     """Prompt by prompt. Prompts that fail are tried to the end, then one
     `ImageEncodeError` names their images. When every image fails (two or more), the
@@ -410,12 +495,13 @@ def _sample_each(
     named (there is nothing to compare it with, and naming it lets the run go on)."""
     out: list[torch.Tensor | None] = []
     failed: dict[str, tuple[Item, Exception]] = {}
-    for e, c in zip(encoded, counts, strict=True):
+    for i, (e, c) in enumerate(zip(encoded, counts, strict=True)):
         if not c:
             out.append(None)
             continue
+        kwargs = keyed_kwargs(gen_kwargs, keys[i]) if keys is not None else gen_kwargs
         try:
-            out.append(sample(policy.model, e, c, gen_kwargs, policy.shared_prefix))
+            out.append(sample(policy.model, e, c, kwargs, policy.shared_prefix))
         except Exception as err:
             if _out_of_memory(err) or e.item is None:
                 raise
@@ -441,9 +527,16 @@ def rollout_groups(
     task: TaskConfig,
     cfg: RolloutConfig,
     orders: list[list[list[int] | None]],
+    stream: str | None = None,
 ) -> list[Group]:
     """N rollouts of each item (split evenly over its option orders), all sampled in one
-    generate call."""
+    generate call.
+
+    `stream` (e.g. "seed:step"): rollout i of an image draws from keys of (stream, image
+    id, i) alone, so its tokens do not depend on which images share the call or the
+    process (data parallelism gives one process's answers). None: torch's global
+    generator (seed it first).
+    """
     gen_kwargs = policy.generation_kwargs(cfg, sample=True)
     prompts = [
         [build_prompt(task, item, order) for order in item_orders]
@@ -451,24 +544,30 @@ def rollout_groups(
     ]
     encoded = policy.encode_all(prompts, items)
     counts = [_split(cfg.n_rollouts, len(o)) for o in orders]
+    keys = None
+    if stream is not None:  # per prompt: its rows' indices within the image's group
+        keys = []
+        for item, cs in zip(items, counts, strict=True):
+            for i, c in enumerate(cs):
+                keys.append(row_keys(stream, item.image_id, range(sum(cs[:i]), sum(cs[:i]) + c)))
     flat = sample_many(
         policy,
         [e for es in encoded for e in es],
         [c for cs in counts for c in cs],
         gen_kwargs,
         cfg.batch_tokens,
+        keys,
     )
     groups, at = [], 0
     for item, encs, cs in zip(items, encoded, counts, strict=True):
-        completions, ids, prompt_index = [], [], []
+        completions, prompt_index = [], []
         for i, count in enumerate(cs):
+            tokens = flat[at + i]
             if count:
-                rows, row_ids = trim_rows(flat[at + i], policy.eos, policy.pad)
-                completions += rows
-                ids += row_ids
+                completions += [trim_completion(row, policy.eos, policy.pad) for row in tokens]
                 prompt_index += [i] * count
         at += len(cs)
-        responses = [decode(policy.tokenizer, c) for c in ids]
+        responses = [decode(policy.tokenizer, c) for c in completions]
         answers = [
             extract_answer(r, task, encs[p].prompt.options)
             for r, p in zip(responses, prompt_index, strict=True)
@@ -544,17 +643,14 @@ GREEDY_BATCH = 32
 def _pad_completions(
     completions: list[torch.Tensor], pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions right-padded into ids [K, T] and a float mask [K, T].
-
-    Built where the completions are (the host, after sampling) with a fixed handful of
-    operators, then copied to `device` once each, instead of two per completion."""
-    sizes = [len(c) for c in completions]
-    flat = torch.cat(list(completions))  # [sum L]
-    lengths = torch.tensor(sizes, device=flat.device)  # [K]
-    keep = torch.arange(max(sizes), device=flat.device) < lengths[:, None]  # [K, T]
-    comp = torch.full(keep.shape, pad, dtype=torch.long, device=flat.device)
-    comp[keep] = flat.long()
-    return comp.to(device), keep.to(device=device, dtype=torch.float32)
+    """Completions right-padded into ids [K, T] and a float mask [K, T]."""
+    t = max(len(c) for c in completions)
+    comp = torch.full((len(completions), t), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(completions), t), dtype=torch.float32, device=device)
+    for i, c in enumerate(completions):
+        comp[i, : len(c)] = c.to(device)
+        mask[i, : len(c)] = 1.0
+    return comp, mask
 
 
 def batch_logprobs(
