@@ -122,6 +122,7 @@ def grpo_update(
     beta: float,
     grad_clip: float,
     micro_batch_tokens: int = 16384,
+    dist: Any = None,
 ) -> UpdateStats:
     """One optimiser step on the trained rollouts of `groups`.
 
@@ -129,6 +130,12 @@ def grpo_update(
     most `micro_batch_tokens` tokens per forward/backward (the rows of one prompt stay
     together; activation memory grows with these tokens), with gradients accumulated; the
     loss is a token mean over the whole step.
+
+    `dist` (`ttrv.distributed`, several processes): `groups` are this process's share of
+    the step. The loss divides by the step's token count over every process (a mean of
+    per-process means weighs a process's tokens by its share, not one each), and the
+    gradients are summed over processes before clipping, so every process takes the step
+    one process would take on all the groups.
     """
     model = policy.model
     # units: (group, its advantages, prompt, row indices with a non-zero advantage)
@@ -139,6 +146,8 @@ def grpo_update(
     ]
     total_tokens = sum(len(g.completions[i]) for g, _, _, idx in units for i in idx)
     skipped = len({id(g) for g in groups} - {id(u[0]) for u in units})
+    if dist is not None:  # every process takes part, even one with nothing to train
+        total_tokens, skipped = (int(x) for x in dist.sum([total_tokens, skipped]))
     optimizer.zero_grad(set_to_none=True)
     if total_tokens == 0:
         return UpdateStats(0.0, None, 0.0, 0, skipped)
@@ -167,6 +176,9 @@ def grpo_update(
         (loss / total_tokens).backward()
         loss_total += float(loss.detach())
     model.eval()
+    if dist is not None:
+        dist.reduce_grads(params)
+        loss_total, kl_total = dist.sum([loss_total, kl_total])
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -179,27 +191,5 @@ def grpo_update(
     )
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
-
-
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
-    """AdamW, fused where torch has the kernel: one operator updates every LoRA tensor,
-    where the per-tensor form launches about 14 per tensor and reads each step counter on
-    the host (TRL's default optimiser, `adamw_torch_fused`, is the same). Its updates differ
-    from the per-tensor form's only by float rounding (~1 ulp)."""
-    fused = bool(params) and all(
-        p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params
-    )
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-    if fused:
-        optimizer.register_step_pre_hook(_steps_on_param_device)
-    return optimizer
-
-
-def _steps_on_param_device(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """The fused kernel keeps each step counter on its parameter's device; state restored
-    by assignment (`ttrv.adapt.load_checkpoint`) puts it on the host."""
-    for p, state in optimizer.state.items():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.device != p.device:
-            state["step"] = step.to(p.device)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
