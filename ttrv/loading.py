@@ -324,7 +324,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         "config": config,
         "dtype": dtype,
         "trust_remote_code": cfg.trust_remote_code,
-        "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        # "cuda" without an index is the process's current GPU: under `accelerate launch`
+        # each process has set its own (cuda:<local rank>), alone it is GPU 0.
+        "device_map": {
+            "": device.index if device.index is not None else torch.cuda.current_device()
+        }
+        if device.type == "cuda"
+        else {"": "cpu"},
         # Explicit, not left to a default that may change: a pickle is read with torch's
         # restricted unpickler, never with one that can run code.
         "weights_only": True,
