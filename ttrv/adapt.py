@@ -3,6 +3,12 @@
 Everything observable goes to the caller's sink (see `ttrv.events`); `stop()` is polled
 between steps. A checkpoint (adapter + optimiser state, safetensors, plus a JSON state) is
 written after every round and on stop, so a run can resume where it left off.
+
+Data parallel (`accelerate launch`, see `ttrv.distributed`): each process samples, scores
+and trains on its share of a step's images and answers its share of each greedy pass;
+rewards, advantages, the stop flag and guard decisions are the whole step's, the same on
+every process; only the main process calls the sink and writes checkpoints. A checkpoint
+holds nothing per process, so it resumes with any process count.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from . import guard as guard_mod
 from .answers import INVALID, canonical_label
 from .config import AdaptConfig
@@ -212,19 +219,50 @@ def run_step(
     rnd: int,
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
+    dist: distributed.Single | None = None,
 ) -> tuple[StepRecord, list[RolloutRecord], list[Group]]:
-    """Rollouts, rewards, advantages and one GRPO update for the images of one step."""
+    """Rollouts, rewards, advantages and one GRPO update for the images of one step.
+
+    With `dist` (several processes) this process samples and trains its share of `batch`;
+    the rewards, advantages, record and rollout records are the whole step's. The groups
+    returned are this process's."""
     t0 = time.perf_counter()
+    dist = dist or distributed.Single()
     seed = cfg.optim.seed
+    # Sampling is keyed per rollout (`stream`); the global generator is seeded for anything
+    # else that draws from it (LoRA dropout), so that a resumed run matches.
     torch.manual_seed(seed * 1_000_003 + step)
     rng = random.Random(f"{seed}:train:{step}")
-    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, step) for it in batch]
-    groups = rollout_groups(policy, batch, cfg.task, cfg.rollout, orders)
-    for g in groups:
-        g.train_mask = select_trained(cfg.rollout.n_rollouts, cfg.rollout.n_train, rng)
+    # Drawn for the whole step on every process, in order: the same K rollouts are trained
+    # whichever process samples an image.
+    masks = [select_trained(cfg.rollout.n_rollouts, cfg.rollout.n_train, rng) for _ in batch]
+    mine = dist.shard(len(batch))
+    local = [batch[i] for i in mine]
+    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, step) for it in local]
+    groups = (
+        rollout_groups(policy, local, cfg.task, cfg.rollout, orders, stream=f"{seed}:{step}")
+        if local
+        else []
+    )
+    for g, i in zip(groups, mine, strict=True):
+        g.train_mask = masks[i]
+    # Every process needs every image's answers: rewards (the random control reward draws
+    # in image order) and batch-scope advantages are over the whole step.
+    shared = dist.gather(
+        [
+            (
+                g.item.image_id,
+                g.responses,
+                g.answers,
+                [list(g.encoded[p].prompt.options) or None for p in g.prompt_index],
+            )
+            for g in groups
+        ]
+    )
+    answers = [s[2] for s in shared]
     # Seeded per step (the random control reward draws numbers), so a resumed run matches.
     reward_fn = make_reward(cfg.reward, seed=seed * 1_000_003 + step)
-    components = [reward_fn(g.answers) for g in groups]
+    components = [reward_fn(a) for a in answers]
     rewards = [[c["total"] for c in comp] for comp in components]
     advantages = group_advantages(rewards, cfg.reward.scope())
 
@@ -232,7 +270,7 @@ def run_step(
     stats: UpdateStats = grpo_update(
         policy,
         groups,
-        advantages,
+        [advantages[i] for i in mine],
         optimizer,
         params,
         temperature=cfg.rollout.temperature,
@@ -240,41 +278,44 @@ def run_step(
         beta=cfg.optim.beta,
         grad_clip=cfg.optim.grad_clip,
         micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        dist=dist if dist.size > 1 else None,
     )
     flat = [r for rs in rewards for r in rs]
-    per_group = [answer_stats(g.answers) for g in groups]
+    per_group = [answer_stats(a) for a in answers]
     record = StepRecord(
         step=step,
         round=rnd,
         reward_mean=sum(flat) / len(flat),
         reward_std=float(torch.tensor(flat).std(unbiased=False)),
-        consensus=sum(s[0] for s in per_group) / len(groups),
-        entropy=sum(s[1] for s in per_group) / len(groups),
-        invalid_rate=sum(s[2] for s in per_group) / len(groups),
+        consensus=sum(s[0] for s in per_group) / len(per_group),
+        entropy=sum(s[1] for s in per_group) / len(per_group),
+        invalid_rate=sum(s[2] for s in per_group) / len(per_group),
         kl=stats.kl if stats.kl is not None else float("nan"),
         loss=stats.loss,
         grad_norm=stats.grad_norm,
         lr=lr,
         tokens=stats.tokens,
         seconds=time.perf_counter() - t0,
-        groups=len(groups),
+        groups=len(batch),
         groups_skipped=stats.groups_skipped,
     )
     rollouts = [
         RolloutRecord(
             step=step,
-            image_id=g.item.image_id,
+            image_id=image_id,
             index=i,
-            response=g.responses[i],
-            answer=g.answers[i],
+            response=responses[i],
+            answer=group_answers[i],
             reward=comp[i]["total"],
             components={k: v for k, v in comp[i].items() if k != "total"},
             advantage=adv[i],
-            trained=g.train_mask[i],
-            option_order=list(g.encoded[g.prompt_index[i]].prompt.options) or None,
+            trained=mask[i],
+            option_order=option_order[i],
         )
-        for g, comp, adv in zip(groups, components, advantages, strict=True)
-        for i in range(len(g.answers))
+        for (image_id, responses, group_answers, option_order), comp, adv, mask in zip(
+            shared, components, advantages, masks, strict=True
+        )
+        for i in range(len(group_answers))
     ]
     return record, rollouts, groups
 
@@ -298,16 +339,36 @@ def unadapted_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def sample_votes(
-    policy: Policy, items: list[Item], greedy: dict[str, str], cfg: AdaptConfig
+    policy: Policy,
+    items: list[Item],
+    greedy: dict[str, str],
+    cfg: AdaptConfig,
+    dist: distributed.Single | None = None,
 ) -> tuple[Forecast, dict[str, list[str]]]:
     """The forecast on `items` (N samples each from the unadapted model; `greedy`: image id
-    -> greedy answer) and the answers each image's samples favoured."""
+    -> greedy answer) and the answers each image's samples favoured (each process samples
+    its share of the images)."""
+    dist = dist or distributed.Single()
     seed = cfg.optim.seed
-    torch.manual_seed(seed * 1_000_003 - 1)  # its own stream: training steps are unchanged
-    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, -1) for it in items]
-    groups = rollout_groups(policy, items, cfg.task, cfg.rollout, orders)
-    fc = make_forecast([greedy[it.image_id] for it in items], [g.answers for g in groups])
-    return fc, {g.item.image_id: favoured(g.answers) for g in groups}
+    local = [items[i] for i in dist.shard(len(items))]
+    orders = [option_orders(cfg.task, it, cfg.rollout.n_rollouts, seed, -1) for it in local]
+    groups = (  # its own stream (step -1): training steps are unchanged
+        rollout_groups(policy, local, cfg.task, cfg.rollout, orders, stream=f"{seed}:-1")
+        if local
+        else []
+    )
+    answers = dist.gather([g.answers for g in groups])
+    fc = make_forecast([greedy[it.image_id] for it in items], answers)
+    return fc, {it.image_id: favoured(a) for it, a in zip(items, answers, strict=True)}
+
+
+def answer_share(
+    policy: Policy, items: list[Item], cfg: AdaptConfig, dist: distributed.Single
+) -> list[dict[str, str]]:
+    """`greedy_answers` of `items`, each process answering its share, all answers on every
+    process (in the items' order)."""
+    local = [items[i] for i in dist.shard(len(items))]
+    return dist.gather(greedy_answers(policy, local, cfg.task, cfg.rollout))
 
 
 def adapt(
@@ -319,13 +380,20 @@ def adapt(
     output_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     split: Split | None = None,
+    dist: distributed.Single | None = None,
 ) -> AdaptResult:
     """Adapt `loaded.model` (a LoRA-wrapped model) to `items` without labels.
 
     The items are split (`ttrv.watch`) into the images adapted on and a watch pool the guard
     checks but never trains on; every item is answered before and after. `split`: a
     caller's own split of the items' ids (the benchmark hands its pool this way).
+    `dist`: this process's place among several (default: `ttrv.distributed.current()`,
+    one process unless started by `accelerate launch`); only the main process's `sink`
+    and `stop` are used.
     """
+    dist = dist or distributed.current()
+    if not dist.is_main:
+        sink = null_sink  # events are written once, by the main process
     if not items:
         raise ValueError("No images to adapt on: add at least one image.")
     out = Path(output_dir) if output_dir else None
@@ -385,6 +453,7 @@ def adapt(
                 "config": cfg.to_dict(),
                 "images": [{"image_id": it.image_id, "name": it.name} for it in items],
                 "model": dict(getattr(loaded, "info", {}) or {}),
+                "processes": dist.size,
                 "split": {
                     "adapt": len(split.adapt),
                     "watch": len(split.watch),
@@ -393,14 +462,14 @@ def adapt(
                 },
             },
         )
-        before = greedy_answers(policy, items, cfg.task, cfg.rollout)
+        before = answer_share(policy, items, cfg, dist)
         sink("answers", {"phase": "before", "answers": before})
         votes: dict[str, list[str]] = {}
         if cfg.guard.forecast_images:
             pool = [by_id[i] for i in (split.watch or split.adapt)]
             sampled = seeded_sample(pool, cfg.guard.forecast_images, cfg.optim.seed, "forecast")
             greedy = {b["image_id"]: b["answer"] for b in before}
-            fc, votes = sample_votes(policy, sampled, greedy, cfg)
+            fc, votes = sample_votes(policy, sampled, greedy, cfg, dist)
             sink(
                 "forecast",
                 {**fc.to_dict(), "set": "watch" if split.watch else "adapted", "votes": votes},
@@ -455,9 +524,10 @@ def adapt(
         if out is None:
             return
         state["target_step"] = target_step
-        checkpoint = save_checkpoint(
-            out / "checkpoints" / tag, model, optimizer, state, {ROLLBACK_FILE: target_weights}
-        )
+        checkpoint = out / "checkpoints" / tag
+        if not dist.is_main:  # the weights and state are the same on every process
+            return
+        save_checkpoint(checkpoint, model, optimizer, state, {ROLLBACK_FILE: target_weights})
         sink(
             "checkpoint", {"round": state["round"], "step": state["step"], "path": str(checkpoint)}
         )
@@ -466,7 +536,7 @@ def adapt(
         """Answer the watched images, decide; True when the run must stop (rolled back)."""
         nonlocal target_weights, target_step, status, reason
         check_items = [it for its in watched.values() for it in its]
-        answers = greedy_answers(policy, check_items, cfg.task, cfg.rollout)
+        answers = answer_share(policy, check_items, cfg, dist)
         if phase.startswith("round-"):  # mid-round checks keep only their signals
             sink("answers", {"phase": phase, "answers": answers})
         if not cfg.guard.guard:
@@ -482,7 +552,8 @@ def adapt(
             )
             for k, its in watched.items()
         }
-        d = guard_mod.decide(base_signals, now, cfg.guard)
+        # Decided once, on the main process, and applied on every process (rollback).
+        d = dist.broadcast(guard_mod.decide(base_signals, now, cfg.guard) if dist.is_main else None)
         step = state["step"]
         record = {
             "step": step,
@@ -541,23 +612,24 @@ def adapt(
             reason = "every image converged: all rollouts agree"
             break
         while state["position"] < len(order):
-            if stop():
+            # The main process's stop request, on every process before this step starts.
+            if dist.broadcast(bool(stop()) if dist.is_main else False):
                 status, reason = "stopped", "stop requested"
                 break
             ids = order[state["position"] : state["position"] + cfg.optim.images_per_step]
             batch = [by_id[i] for i in ids]
             set_lr(state["step"])
             record, rollouts, groups = run_step(
-                policy, batch, cfg, state["step"], rnd, optimizer, params
+                policy, batch, cfg, state["step"], rnd, optimizer, params, dist
             )
             sink("rollouts", {"step": record.step, "rollouts": [r.to_dict() for r in rollouts]})
             sink("step", record.to_dict())
             history.append(record)
             state["step"] += 1
             state["position"] += len(ids)
-            state["converged"] = sorted(
-                set(state["converged"]) | {g.item.image_id for g in groups if is_converged(g)}
-            )
+            # each process knows its own groups; every process needs the step's converged set
+            done = dist.gather([g.item.image_id for g in groups if is_converged(g)])
+            state["converged"] = sorted(set(state["converged"]) | set(done))
             end_of_round = state["position"] >= len(order)
             if (
                 not end_of_round
@@ -578,7 +650,7 @@ def adapt(
             break
         save(f"round-{rnd + 1}")
 
-    after = greedy_answers(policy, items, cfg.task, cfg.rollout)
+    after = answer_share(policy, items, cfg, dist)
     sink("answers", {"phase": "after", "answers": after})
     sink("run_end", {"status": status, "steps": state["step"], "reason": reason})
     return AdaptResult(
