@@ -44,41 +44,16 @@ def _drop(base: float | None, now: float | None) -> float | None:
     return 1 - now / base
 
 
-def run_checks(record: dict[str, Any], task: Any, items: list[Any]) -> list[dict[str, Any]]:
-    """One dict per round: `delta` (held-out greedy accuracy change), `harm`, and the
-    signal values (None where a signal does not apply)."""
-    from ttrv.adapt import greedy_signals
-
-    adapted = [items[p] for p in record["adapted_positions"]]
-    watch = [items[p] for p in record.get("watch_positions", [])]
-
-    def answers(its: list[Any], xs: list[str]) -> list[dict[str, str]]:
-        return [{"image_id": it.image_id, "answer": x} for it, x in zip(its, xs, strict=True)]
-
-    before = answers(adapted, record["before"]) + answers(watch, record.get("before_watch", []))
-    sets = {"adapted": adapted, "watch": watch}
-    by_before = {a["image_id"]: a for a in before}
-    base = {
-        k: greedy_signals(task, its, [by_before[it.image_id] for it in its])
-        for k, its in sets.items()
-        if its
-    }
-    votes = record.get("votes") or None
-    traj = record["trajectory"]
-    base_acc = traj["0"]["heldout"]["greedy_acc"]
+def checks_of(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per round of a `precompute`d run: `delta` (held-out greedy accuracy
+    change), `harm`, and the signal values (None where a signal does not apply)."""
     out = []
-    for k, r in enumerate(record["rounds"], start=1):
-        now_answers = answers(adapted, r["answers"]) + answers(watch, r.get("answers_watch", []))
-        by_now = {a["image_id"]: a for a in now_answers}
-        now = {
-            name: greedy_signals(task, its, [by_now[it.image_id] for it in its], before, votes)
-            for name, its in sets.items()
-            if its
-        }
-        delta = traj[str(k)]["heldout"]["greedy_acc"] - base_acc
-        row: dict[str, Any] = {"round": k, "delta": delta, "harm": delta < HARM}
-        for name in now:
-            b, n = base[name], now[name]
+    for k, now in enumerate(run["rounds"], start=1):
+        delta = run["deltas"][k]
+        row: dict[str, Any] = {"model": run["model"], "round": k, "delta": delta,
+                               "harm": delta < HARM}  # fmt: skip
+        for name, n in now.items():
+            b = run["base"][name]
             row[f"changed:{name}"] = n.changed_answers
             row[f"unexplained:{name}"] = n.unexplained_flips
             row[f"entropy_drop:{name}"] = _drop(b.marginal_entropy, n.marginal_entropy)
@@ -92,21 +67,9 @@ def run_checks(record: dict[str, Any], task: Any, items: list[Any]) -> list[dict
     return out
 
 
-def collect(path: Path) -> list[dict[str, Any]]:
-    """Every check of every adapted run in a benchmark result file."""
-    from ttrv.config import TaskConfig
-
-    payload = json.loads(path.read_text())
-    cache: dict = {}
-    rows = []
-    for r in payload["runs"]:
-        if "baseline" in r or "rounds" not in r or "trajectory" not in r:
-            continue
-        cfg = payload["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]
-        task = TaskConfig(**cfg["task"])
-        for check in run_checks(r, task, _items(cache, r["split"], r["seed"])):
-            rows.append({"model": r["model"], "variant": r["variant"], **check})
-    return rows
+def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every check of every `precompute`d run."""
+    return [check for run in runs for check in checks_of(run)]
 
 
 def rates(rows: list[dict[str, Any]], key: str, threshold: float) -> tuple[float, float, int, int]:
@@ -180,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "--guards", action="store_true", help="also replay GUARD_GRID and choose a guard on val"
     )
     args = ap.parse_args(argv)
-    val = collect(args.val)
-    tests = {p.stem: collect(p) for p in args.apply}
+    val_runs = precompute(args.val)
+    test_runs = {p.stem: precompute(p) for p in args.apply}
+    val = collect(val_runs)
+    tests = {k: collect(v) for k, v in test_runs.items()}
     print(
         f"Checks (one per run and round): validation {len(val)} "
         f"({sum(r['harm'] for r in val)} harmful); "
@@ -190,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     print("Cells: catch rate / false-alarm rate (harmful checks / harmless checks).\n")
     print(table(val, tests))
     if args.guards:
-        md, chosen = guard_table(precompute(args.val))
+        md, chosen = guard_table(val_runs)
         print(f"\nWhole guards replayed on {args.val.name} (best first by the rule):\n")
         print(md)
         print(f"\nChosen on validation: {chosen}")
         for p in args.apply:
-            runs = precompute(p)
+            runs = test_runs[p.stem]
             ends = guard_outcomes(runs, chosen)
             for m in sorted({r["model"] for r in runs}):
                 e = [x for x, r in zip(ends, runs, strict=True) if r["model"] == m]

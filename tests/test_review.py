@@ -175,3 +175,30 @@ def test_review_order_is_seeded_and_covers_all_flips():
     a, b = review_order(ids, 0), review_order(list(reversed(ids)), 0)
     assert a == b and sorted(a) == sorted(ids) and a != sorted(ids)
     assert review_order(ids, 1) != a
+
+
+# -- bench.signals: detectors and whole guards on hand-made runs --------------------------
+
+
+def test_signal_rates_and_threshold_choice():
+    from bench.signals import choose, rates
+
+    rows = [{"harm": True, "s": 0.3}, {"harm": True, "s": 0.1}, {"harm": False, "s": 0.0},
+            {"harm": False, "s": 0.05}, {"harm": False, "s": None}]  # fmt: skip
+    assert rates(rows, "s", 0.2) == (0.5, 0.0, 2, 2)
+    assert rates(rows, "s", 0.0) == (1.0, 0.5, 2, 2)
+    assert choose(rows, "s") == 0.05  # catches both harmful checks, no false alarm
+
+
+def test_guard_outcomes_replay_the_engine_decision():
+    from bench.signals import guard_outcomes
+
+    before = [str(i % 10) for i in range(20)]
+    collapse = signals(["3"] * 20, before=before)
+    run = {"model": "m", "base": {"adapted": signals(before)},
+           "rounds": [{"adapted": signals(before, before=before)}, {"adapted": collapse}],
+           "deltas": [0.0, 0.01, -0.2]}  # fmt: skip
+    # round 1 is clearly healthy, round 2 collapses: the run ends on round 1's delta
+    assert guard_outcomes([run], {}) == [0.01]
+    off = {"max_marginal_entropy_drop": 1.0, "max_changed_answers": 1.0, "max_invalid_rise": 1.0}
+    assert guard_outcomes([run], off) == [0.01]  # the single-answer collapse always trips
