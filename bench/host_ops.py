@@ -295,6 +295,109 @@ def print_rows(label: str, spec: Spec, rows: list[dict[str, Any]]) -> None:
     print("* under the profiler (adds per-event overhead); cpu s: an unprofiled run")
 
 
+# ---- real architectures at real sizes (bench/configs/*.json) ------------------------------
+
+CONFIGS = ROOT / "bench" / "configs"
+
+
+def real_config(path: Path, layers: int | None = None) -> Any:
+    """The config in `path` (transcribed from a published checkpoint), optionally cut to
+    `layers` text and vision layers (widths, heads and vocabulary as published)."""
+    from transformers import AutoConfig
+
+    d = json.loads(path.read_text())
+    d.pop("_source", None)
+    if layers is not None:
+        d["text_config"]["num_hidden_layers"] = layers
+        vision = d["vision_config"]
+        if "depth" in vision:  # Qwen2.5-VL
+            vision["depth"] = layers
+            vision["fullatt_block_indexes"] = [layers - 1]
+        else:
+            vision["num_hidden_layers"] = layers
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def parameter_counts(config: Any) -> dict[str, int]:
+    """Total, language-model and vision-side parameters, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    text = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if any(k in n for k in ("language_model", "text_model", "lm_head"))
+    )
+    return {"total": total, "language_model": text, "vision_and_projector": total - text}
+
+
+def text_forward_ops(config: Any, prompt: int = 32, repeats: int = 3) -> dict[str, float]:
+    """Operators and CPU seconds of one text-only forward of `prompt` tokens (random weights,
+    float32, one torch thread): the same per-layer operators a rollout or training forward
+    issues for every generated token or micro-batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, prompt))
+    with torch.no_grad():
+        model(input_ids=ids, logits_to_keep=1)  # warm-up
+        t0 = time.process_time()
+        for _ in range(repeats):
+            model(input_ids=ids, logits_to_keep=1)
+        cpu = (time.process_time() - t0) / repeats
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=ids, logits_to_keep=1)
+    ev = count_events(prof.events())
+    return {"aten_events": ev["aten_events"], "compute_ops": ev["compute_ops"], "cpu_s": cpu}
+
+
+def real_sizes(layers: int = 2) -> list[dict[str, Any]]:
+    """Per config: parameters at the published size, and the operators of a text forward at
+    1 and `layers` layers, extrapolated to the published depth (operators grow linearly
+    with layers: every layer issues the same ones)."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = []
+    for path in sorted(CONFIGS.glob("*.json")):
+        full = real_config(path)
+        depth = full.text_config.num_hidden_layers
+        one = text_forward_ops(real_config(path, 1))
+        cut = text_forward_ops(real_config(path, layers))
+        per_layer = (cut["compute_ops"] - one["compute_ops"]) / (layers - 1)
+        out.append(
+            {
+                "config": path.name,
+                "source": json.loads(path.read_text())["_source"],
+                "class": full.architectures[0],
+                "params": parameter_counts(full),
+                "text_layers": depth,
+                "reduced_layers": layers,
+                "reduced_params": parameter_counts(real_config(path, layers))["total"],
+                "forward_1_layer": one,
+                f"forward_{layers}_layers": cut,
+                "compute_ops_per_layer": per_layer,
+                "compute_ops_full_depth": one["compute_ops"] + per_layer * (depth - 1),
+            }
+        )
+        r = out[-1]
+        print(
+            f"{path.name:<20} {r['class']:<36} {r['params']['total'] / 1e9:6.3f} B "
+            f"(LM {r['params']['language_model'] / 1e9:.3f}, vision+proj "
+            f"{r['params']['vision_and_projector'] / 1e9:.3f}); {layers}-layer cut "
+            f"{r['reduced_params'] / 1e6:.0f} M: text forward (32 tokens) "
+            f"{cut['compute_ops']} ops, {cut['cpu_s']:.3f} CPU s; {per_layer:.0f} ops/layer, "
+            f"~{r['compute_ops_full_depth']:.0f} ops at {depth} layers"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host_ops", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bundled", help="as bench.speed --model")
@@ -307,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument(
+        "--real-sizes",
+        action="store_true",
+        help="parameters of bench/configs/*.json and operators of a cut-down text forward",
+    )
     p.add_argument("--trl-optim", default="adamw_torch_fused", help="TRL's optim setting")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", choices=["ours", "ours-all", "trl"], help=argparse.SUPPRESS)
@@ -317,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         spec = Spec(**json.loads(args.spec.read_text()))
         args.result.write_text(json.dumps(worker(args.worker, spec, args.profile)))
+        return 0
+    if args.real_sizes:
+        results = real_sizes()
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
         return 0
     results = []
     for label, folder, restrict in resolve_models(args.model):
