@@ -216,28 +216,42 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     items = _load_items(args.images, args.labels)
     if args.review and not any(it.label is not None for it in items):
         raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
-    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    from .distributed import current
 
-    runs = _store_front_end() if args.store else None
+    # One process unless started by `accelerate launch` with several (then this joins
+    # their group, before the model is loaded onto this process's device).
+    dist = current()
+    # The main process's folder name for all: a default name is the time, which can differ.
+    out = dist.broadcast(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if dist.is_main:  # only the main process writes: the folder, events, store, adapter
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    runs = _store_front_end() if args.store and dist.is_main else None
     # The store's errors (a full disk among them) carry a message that says what to do.
     store_errors: tuple[type[BaseException], ...] = (
         (runs.StoreError, runs.DiskFullError) if runs else ()
     )
     try:
-        return _adapt_recorded(args, cfg, items, out, runs)
+        return _adapt_recorded(args, cfg, items, out, runs, dist)
     except store_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        dist.close()
 
 
 def _adapt_recorded(
-    args: argparse.Namespace, cfg: AdaptConfig, items: list[Any], out: Path, runs: Any
+    args: argparse.Namespace,
+    cfg: AdaptConfig,
+    items: list[Any],
+    out: Path,
+    runs: Any,
+    dist: Any,
 ) -> int:
     from .adapt import adapt, steps_per_run
     from .evaluate import accuracy
-    from .events import JsonlSink, fanout
+    from .events import JsonlSink, fanout, null_sink
     from .loading import load_model
     from .lora import attach_lora, save_adapter
 
@@ -248,15 +262,20 @@ def _adapt_recorded(
         recorder = runs.cli_run(args.data_dir, out, cfg, items, args.name, args.resume)
         print(f"session {recorder.session_id} in {recorder.store.data_dir}", file=sys.stderr)
     with recorder:
-        print(f"loading {cfg.model.model} ...", file=sys.stderr)
+        if dist.is_main:
+            print(f"loading {cfg.model.model} ...", file=sys.stderr)
         loaded = load_model(cfg.model)
         loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
-        jsonl = JsonlSink(out / "events.jsonl")
-        sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
+        sink: Any = null_sink  # the other processes' events are the main process's
+        if dist.is_main:
+            jsonl = JsonlSink(out / "events.jsonl")
+            sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
         result = adapt(
             loaded, items, cfg, sink, recorder.stop_requested, output_dir=out,
-            resume_from=args.resume,
+            resume_from=args.resume, dist=dist,
         )  # fmt: skip
+        if not dist.is_main:  # the main process holds the same weights and writes them
+            return 0
         # What the run changed, before a review may revert it.
         changed = sum(
             b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
@@ -283,6 +302,7 @@ def _adapt_recorded(
         "rollback_target": result.target_step if result.status == "guard_stopped" else None,
         "review": review,
         "accuracy_final": accuracy(result.after, items, cfg.task),
+        "processes": dist.size,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "answers.json").write_text(
