@@ -10,6 +10,7 @@ Run: `python -m pytest -m browser tests/test_browser.py` (about 30 s). With
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import time
@@ -97,6 +98,16 @@ def set_number(page, elem_id: str, value: float) -> None:
     box.press("Tab")
 
 
+def check_numbers(page, values) -> None:
+    """Every number field holds what was typed (a field rendered while its accordion
+    opened can lose a value typed too early): refill the ones that do not."""
+    for elem_id, value in values:
+        box = page.locator(f"#{elem_id} input[type=number]")
+        if box.input_value() != str(value):
+            set_number(page, elem_id, value)
+        assert box.input_value() == str(value), elem_id
+
+
 def done_steps(page) -> int:
     return int(page.locator("#progress .ttrv-progress").get_attribute("data-done") or 0)
 
@@ -137,15 +148,18 @@ def drive(app, page) -> None:
     shot(page, "1-first-screen")
 
     page.click("#tab-adapt :text('Advanced settings')")  # folded on the first screen
-    for elem_id, value in (("cfg-rollout-n_rollouts", 4), ("cfg-rollout-n_train", 4),
-                           ("cfg-rollout-max_new_tokens", 4), ("cfg-optim-images_per_step", 2),
-                           ("cfg-optim-rounds", 1000)):  # fmt: skip
+    page.wait_for_selector("#cfg-optim-rounds input[type=number]")
+    numbers = (("cfg-rollout-n_rollouts", 4), ("cfg-rollout-n_train", 4),
+               ("cfg-rollout-max_new_tokens", 4), ("cfg-optim-images_per_step", 2),
+               ("cfg-optim-rounds", 1000))  # fmt: skip
+    for elem_id, value in numbers:
         set_number(page, elem_id, value)
     # Keep the run going until the Stop button ends it: no guard, no skipping of images
     # whose rollouts agree (the bundled model agrees on most digits at once).
     page.locator("#cfg-optim-skip_converged input").uncheck()
     page.click("#adv-guard .label-wrap")  # open the accordion
     page.locator("#cfg-guard-guard input").uncheck()
+    check_numbers(page, numbers)
     page.click("#start-btn")
     page.wait_for_selector("#adapt-status :text('Started session')")
 
@@ -223,6 +237,19 @@ def drive(app, page) -> None:
     )
     assert cut == 0, "the session id is cut in the sessions table"
     shot(page, "sessions", docs=True)
+
+    # The answers CSV downloads, one row per image as the store has it.
+    page.click("#answers-csv")
+    page.wait_for_selector("#answers-csv-file:visible")
+    with page.expect_download() as download:
+        page.click("#answers-csv-file")
+    with open(download.value.path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    stored = store.answers(sid)
+    assert [(r["image"], r["label"], r["before"], r["after"]) for r in rows] == [
+        (a["name"], a["label"] or "", a["before"] or "", a["after"] or "") for a in stored
+    ]
+    assert all(r["votes"] and r["consensus"] for r in rows)
 
     # Photos with the digits model: warned about on the first screen, before any run.
     page.click("#tab-adapt-button")

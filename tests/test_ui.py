@@ -191,6 +191,30 @@ def test_reward_components_sign_note_and_a_one_value_histogram():
     assert spread.data[0].xbins.size == spread.data[1].xbins.size  # bins shared by answers
 
 
+def test_run_log_lists_jobs_and_events_in_time_order():
+    """The run log interleaves the session's jobs and its logged events by time, with job
+    errors and guard decisions spelled out."""
+    from ui.charts import run_log
+
+    jobs = [{"id": 3, "kind": "adapt", "status": "failed", "error": "Out of memory.",
+             "request": {"resume": True}, "created": "2026-01-01T10:00:00",
+             "started": "2026-01-01T10:00:01", "finished": "2026-01-01T10:00:09"}]  # fmt: skip
+    events = [
+        {"kind": "run_start", "created": "2026-01-01T10:00:02", "data": {"images": [1, 2]}},
+        {"kind": "guard", "created": "2026-01-01T10:00:05",
+         "data": {"action": "rollback", "step": 4, "reason": "answers collapsed"}},
+    ]  # fmt: skip
+    lines = run_log(events, jobs).splitlines()
+    assert lines == [
+        "- `10:00:00` adapt job 3 (resume) queued",
+        "- `10:00:01` adapt job 3 (resume) started",
+        "- `10:00:02` run started on 2 images",
+        "- `10:00:05` guard **rollback** at step 4: answers collapsed",
+        "- `10:00:09` adapt job 3 (resume) failed: Out of memory.",
+    ]
+    assert run_log([], []) == "Nothing logged yet."
+
+
 def test_unique_import_names():
     from ui.sessions_tab import unique_name
 
@@ -656,13 +680,26 @@ def test_finished_run_headline_and_why_it_ended_early(app):
     assert "Started session" in status, status
     sid = app.store.list_sessions()[0]["id"]
     wait_for(lambda: app.store.get_session(sid)["status"] == "done", 120, "the run to finish")
-    progress, _, _, _, headline, *_ = c.predict(api_name="/progress")
+    progress, _, _, _, headline, log, *_ = c.predict(api_name="/progress")
     done = len(app.store.metrics(sid))
     assert f"data-done='{done}' data-total='{done}'" in progress
     h = app.store.get_session(sid)["headline"]
     assert f"**Run done** after {done} steps" in headline
     assert f"**{h['flipped']} of {h['compared']}** answers changed" in headline
     assert "accuracy **" in headline and "guard: off" in headline
+    assert "run started on 24 images" in log and "checkpoint saved at step" in log
+    assert f"run ended **done** after {done} steps" in log and "adapt job" in log
+    # The answers CSV: one row per image, as the store has them.
+    status, button = c.predict(sid, api_name="/answers_csv")
+    assert "answers of 24 images" in status
+    with open(button["value"]["path"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    stored = app.store.answers(sid)
+    assert [(r["image"], r["before"], r["after"]) for r in rows] == [
+        (a["name"], a["before"], a["after"]) for a in stored
+    ]
+    votes = dict(v.split(":") for v in rows[0]["votes"].split("; "))
+    assert sum(map(int, votes.values())) == int(rows[0]["rollouts"]) == 4
     assert app.store.converged_images(sid)  # the model agrees on some digits at once
     assert "steps were planned" in html.unescape(progress)
     assert app.store.delete_session(sid) is None

@@ -127,6 +127,8 @@ def build(ctx: Context) -> dict[str, Any]:
                 ctx.forms.update(forms.build_section(section, columns=4))
     progress = gr.HTML(elem_id="progress")
     headline = gr.Markdown(elem_id="run-headline")
+    with gr.Accordion("Run log", open=False, elem_id="run-log-box"):
+        log = gr.Markdown("Nothing logged yet.", elem_id="run-log", max_height=240)
     curves = gr.Plot(label="Training curves", show_label=False, elem_id="curves")
     timer = gr.Timer(TICK_S)
     seen = gr.State(None)  # what the last redraw showed, so unchanged ticks skip
@@ -213,22 +215,22 @@ def build(ctx: Context) -> dict[str, Any]:
         return out
 
     def redraw(sid: str | None, last: Any = None) -> tuple:
-        """(progress, curves, header, fingerprint, status, headline, *forms); skipped
-        parts when nothing changed."""
+        """(progress, curves, header, fingerprint, status, headline, log, *forms);
+        skipped parts when nothing changed."""
         skip_forms = [gr.skip()] * len(form_keys)
         if not sid:
             empty = "<div class='ttrv-progress' data-done='0' data-total='0'>No session.</div>"
-            return (empty, None, header_text(ctx.store, None), None, gr.skip(), "",
+            return (empty, None, header_text(ctx.store, None), None, gr.skip(), "", "",
                     *lock({}, False, last))  # fmt: skip
         try:
             session = ctx.store.get_session(sid)
         except Exception as exc:  # noqa: BLE001 - deleted meanwhile, or a locked store
             return (error(str(exc)), gr.skip(), header_text(ctx.store, None), None, gr.skip(),
-                    "", *skip_forms)  # fmt: skip
+                    "", gr.skip(), *skip_forms)  # fmt: skip
         fingerprint = [sid, session["status"], session["updated"], session["headline"]["steps"]]
         active = session["status"] in ACTIVE
         if fingerprint == last and not active:
-            return (gr.skip(),) * 6 + tuple(skip_forms)
+            return (gr.skip(),) * 7 + tuple(skip_forms)
         steps = ctx.store.metrics(sid)
         converged = ctx.store.converged_images(sid) if steps else {}
         p = charts.progress(steps, session["config"], session["headline"]["images"],
@@ -239,12 +241,13 @@ def build(ctx: Context) -> dict[str, Any]:
             phase = session["reason"]
         if session.get("error"):
             phase = f"failed: {session['error']}"
-        elapsed = run_seconds(jobs.of_session(ctx.store, sid, "adapt"))
+        session_jobs = jobs.of_session(ctx.store, sid)
+        elapsed = run_seconds([j for j in session_jobs if j["kind"] == "adapt"])
         changed = fingerprint != last
         was_active = bool(last) and last[0] == sid and last[1] in ACTIVE
         # "Stopping after the current step" (or "Started …") must not outlive the run.
         ended = was_active and not active
-        events = ctx.store.events(sid) if changed and not active else []
+        events = ctx.store.events(sid) if changed else []
         return (
             charts.progress_html(p, phase, elapsed, charts.plan_note(p, session["config"])),
             (charts.curves_figure({session["name"]: steps}) if steps else None)
@@ -254,12 +257,13 @@ def build(ctx: Context) -> dict[str, Any]:
             fingerprint,
             info(f"The run ended: {session['status']} — {phase}.") if ended else gr.skip(),
             charts.run_headline(session, events) if changed else gr.skip(),
+            charts.run_log(events, session_jobs) if changed else gr.skip(),
             *(lock(session, active, last) if changed else skip_forms),
         )
 
     def tick(sid: str | None, last: Any) -> tuple:
         if not sid and last is None:
-            return (gr.skip(),) * (6 + len(form_keys))
+            return (gr.skip(),) * (7 + len(form_keys))
         return redraw(sid, last)
 
     def quick_demo(current: list) -> tuple:
@@ -290,7 +294,7 @@ def build(ctx: Context) -> dict[str, Any]:
         picker = ctx.forms["model__model"]
         kind, question = ctx.forms["task__kind"], ctx.forms["task__question"]
         options = ctx.forms["task__options"]
-        out = [progress, curves, ctx.header, seen, status, headline, *form_comps]
+        out = [progress, curves, ctx.header, seen, status, headline, log, *form_comps]
         started = start_btn.click(start, [ctx.draft, name],
                                   [status, ctx.session, ctx.header, seen],
                                   inputs_kwargs=dict(ctx.forms), api_name="start")  # fmt: skip

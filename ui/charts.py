@@ -253,6 +253,53 @@ def adapted_images(n_images: int, config: dict[str, Any]) -> int:
         return n_images
 
 
+def _clock_of(stamp: str | None) -> str:
+    return stamp[11:19] if stamp and len(stamp) >= 19 else "--:--:--"
+
+
+def run_log(events: list[dict[str, Any]], jobs: list[dict[str, Any]], limit: int = 200) -> str:
+    """What the worker did for a session, oldest first, as Markdown lines with the time:
+    its jobs (queued, started, ended, errors) and logged events (start, checkpoints,
+    guard decisions, warnings, forecast, end); the last `limit` lines."""
+    lines: list[tuple[str, str]] = []
+    for j in jobs:
+        what = f"{j['kind']} job {j['id']}"
+        if j.get("request", {}).get("resume"):
+            what += " (resume)"
+        lines.append((j.get("created") or "", f"{what} queued"))
+        if j.get("started"):
+            lines.append((j["started"], f"{what} started"))
+        if j.get("finished"):
+            err = f": {j['error']}" if j.get("error") else ""
+            lines.append((j["finished"], f"{what} {j['status']}{err}"))
+    for e in events:
+        d, kind = e.get("data") or {}, e["kind"]
+        if kind == "run_start":
+            text = f"run started on {len(d.get('images') or [])} images"
+            if (d.get("split") or {}).get("note"):
+                text += f"; {d['split']['note']}"
+        elif kind == "checkpoint":
+            text = f"checkpoint saved at step {d.get('step')} (round {d.get('round')})"
+        elif kind == "guard":
+            text = f"guard **{d.get('action')}** at step {d.get('step')}: {d.get('reason')}"
+        elif kind == "warning":
+            text = f"⚠ {d.get('message')}"
+        elif kind == "forecast":
+            text = f"forecast: {d.get('message')}"
+        elif kind == "run_end":
+            text = (
+                f"run ended **{d.get('status')}** after {d.get('steps')} steps: {d.get('reason')}"
+            )
+        else:
+            text = kind.replace("_", " ")
+        lines.append((e.get("created") or "", text))
+    lines.sort(key=lambda t: t[0])
+    shown = lines[-limit:]
+    if not shown:
+        return "Nothing logged yet."
+    return "\n".join(f"- `{_clock_of(t)}` {html.escape(text, quote=False)}" for t, text in shown)
+
+
 # -- curves ------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import gradio as gr
 
 from sessions.schema import StoreError
 
-from . import charts, forms
+from . import charts, exports, forms
 from .state import Context, describe, error, guarded, header_text, ok, pick_session, session_choices
 
 HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc. after",
@@ -76,6 +76,9 @@ def build(ctx: Context) -> dict[str, Any]:
         export_btn = gr.Button("Export", scale=0, elem_id="sessions-export")
         export_file = gr.DownloadButton("Download", visible=False, scale=0, variant="primary",
                                         elem_id="export-file")  # fmt: skip
+        csv_btn = gr.Button("Answers CSV", scale=0, elem_id="answers-csv")
+        csv_file = gr.DownloadButton("Download CSV", visible=False, scale=0, variant="primary",
+                                     elem_id="answers-csv-file")  # fmt: skip
         import_file = gr.UploadButton("Import…", file_types=[".zip"], scale=0,
                                       elem_id="import-file")  # fmt: skip
         delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="sessions-delete")
@@ -140,6 +143,17 @@ def build(ctx: Context) -> dict[str, Any]:
             gr.DownloadButton(f"⬇ {path.name}", value=str(path), visible=True),
         )
 
+    @guarded(outputs=2)
+    def answers_csv(sid: str | None) -> tuple:
+        if not sid:
+            return error("Pick a session first."), gr.skip()
+        path = exports.write_answers_csv(ctx.store, sid)
+        n = len(ctx.store.answers(sid))
+        return (
+            ok(f"The answers of {n} images (before, after, votes, consensus): click Download."),
+            gr.DownloadButton(f"⬇ {path.name}", value=str(path), visible=True),
+        )
+
     @guarded(outputs=7)
     def import_(path: str | None) -> tuple:
         if not path:
@@ -198,8 +212,9 @@ def build(ctx: Context) -> dict[str, Any]:
         "[sid, cur] : [null, cur]",
     )
     export_btn.click(export, pick, [status, export_file], api_name="export_session")
-    pick.change(lambda: gr.DownloadButton(visible=False), None, export_file,
-                api_visibility="private")  # fmt: skip
+    csv_btn.click(answers_csv, pick, [status, csv_file], api_name="answers_csv")
+    pick.change(lambda: (gr.DownloadButton(visible=False), gr.DownloadButton(visible=False)),
+                None, [export_file, csv_file], api_visibility="private")  # fmt: skip
     imported = import_file.upload(import_, import_file, [status, *session_outs, *list_outs],
                                   api_name="import_session")  # fmt: skip
     settings_btn.click(use_settings, pick, [status, *ctx.forms.values()],
