@@ -5,7 +5,8 @@ The CLI writes JSON lines (`JsonlSink`), the worker writes SQLite (`sessions.sto
 
 Kinds and their data (all keys always present):
 - "run_start":  {"config": AdaptConfig.to_dict(), "images": [{"image_id", "name"}], "model": info,
-                 "split": {"adapt": int, "watch": int, "watch_ids": [str], "note": str}}
+                 "split": {"adapt": int, "watch": int, "watch_ids": [str], "note": str},
+                 "processes": int (data-parallel processes; events come from the main one)}
 - "answers":    {"phase": "before" | "after" | "round-<k>",
                  "answers": [{"image_id", "response", "answer"}]}
 - "step":       StepRecord fields
