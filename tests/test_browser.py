@@ -188,6 +188,7 @@ def drive(app, page) -> None:
     )
     page.wait_for_selector("#curves .js-plotly-plot .scatterlayer .trace")
     assert re.search(r"Step \d+ / \d+", page.inner_text("#progress"))
+    page.click("#tab-adapt :text('Advanced settings')")  # folded again, as a user sees it
     shot(page, "adapt", docs=True)
 
     # Inspect follows the run without a click on Refresh.
