@@ -260,6 +260,17 @@ def drive(app, page) -> None:
     page.wait_for_selector("#quick-domain :text('do not look like what this model was')")
     assert "cheetah.jpg" in page.inner_text("#quick-domain")
     shot(page, "domain-warning")
+
+    # The Images tab's file box empties after each drop: a second drop opens the dialog
+    # again and reports only its own files, and the warning there names the new photo.
+    page.click("#tab-images-button")
+    for name in ("tower.jpg", "dog.jpg"):
+        with page.expect_file_chooser(timeout=10_000) as chooser:
+            page.click("#upload-files :text('Click to Upload')")
+        chooser.value.set_files(str(photo(ARTIFACTS / name, size=(300 + len(name), 200))))
+        page.wait_for_selector("#images-status :text('Added 1 image')")
+        assert "already added" not in page.inner_text("#images-status")
+    page.wait_for_selector("#images-domain :text('3 of 27 images do not look like')")
     assert time.monotonic() - started < 150, "the browser test took over 150 s"
 
 
