@@ -191,5 +191,27 @@ def grpo_update(
     )
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """AdamW, fused where torch has the kernel: one operator updates every LoRA tensor,
+    where the per-tensor form launches about 14 per tensor and reads each step counter on
+    the host (TRL's default optimiser, `adamw_torch_fused`, is the same). Its updates differ
+    from the per-tensor form's only by float rounding (~1 ulp)."""
+    fused = bool(params) and all(
+        p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params
+    )
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if fused:
+        optimizer.register_step_pre_hook(_steps_on_param_device)
+    return optimizer
+
+
+def _steps_on_param_device(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """The fused kernel keeps each step counter on its parameter's device; state restored
+    by assignment (`ttrv.adapt.load_checkpoint`) puts it on the host."""
+    for p, state in optimizer.state.items():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.device != p.device:
+            state["step"] = step.to(p.device)

@@ -308,16 +308,29 @@ def wants_token_type_ids(model: Any) -> bool:
     return "token_type_ids" in inspect.signature(hf_model(model).forward).parameters
 
 
-def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
-    """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
+def _trim_ids(ids: list[int], eos: list[int], pad: int) -> list[int]:
     out = []
-    for t in tokens.tolist():
+    for t in ids:
         out.append(t)
         if t in eos:
             break
     while out and out[-1] == pad and pad not in eos:
         out.pop()
-    return torch.tensor(out, dtype=torch.long)
+    return out
+
+
+def trim_completion(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
+    """Cut after the first EOS (kept: the model must learn to stop); drop trailing pad."""
+    return torch.tensor(_trim_ids(tokens.tolist(), eos, pad), dtype=torch.long)
+
+
+def trim_rows(
+    tokens: torch.Tensor, eos: list[int], pad: int
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """`trim_completion` of every row of host tokens [R, T], read into Python once: (each
+    row's trimmed tokens as a view [L_i], the same as lists of ids)."""
+    ids = [_trim_ids(row, eos, pad) for row in tokens.tolist()]
+    return [tokens[i, : len(r)] for i, r in enumerate(ids)], ids
 
 
 @torch.no_grad()
@@ -346,7 +359,7 @@ def sample(
     return out[:, enc.length :].cpu()  # [n, T]; one copy to the host, not one per row
 
 
-def decode(tokenizer: Any, tokens: torch.Tensor) -> str:
+def decode(tokenizer: Any, tokens: torch.Tensor | list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
@@ -560,14 +573,15 @@ def rollout_groups(
     )
     groups, at = [], 0
     for item, encs, cs in zip(items, encoded, counts, strict=True):
-        completions, prompt_index = [], []
+        completions, ids, prompt_index = [], [], []
         for i, count in enumerate(cs):
-            tokens = flat[at + i]
             if count:
-                completions += [trim_completion(row, policy.eos, policy.pad) for row in tokens]
+                rows, row_ids = trim_rows(flat[at + i], policy.eos, policy.pad)
+                completions += rows
+                ids += row_ids
                 prompt_index += [i] * count
         at += len(cs)
-        responses = [decode(policy.tokenizer, c) for c in completions]
+        responses = [decode(policy.tokenizer, c) for c in ids]
         answers = [
             extract_answer(r, task, encs[p].prompt.options)
             for r, p in zip(responses, prompt_index, strict=True)
@@ -643,14 +657,17 @@ GREEDY_BATCH = 32
 def _pad_completions(
     completions: list[torch.Tensor], pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions right-padded into ids [K, T] and a float mask [K, T]."""
-    t = max(len(c) for c in completions)
-    comp = torch.full((len(completions), t), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(completions), t), dtype=torch.float32, device=device)
-    for i, c in enumerate(completions):
-        comp[i, : len(c)] = c.to(device)
-        mask[i, : len(c)] = 1.0
-    return comp, mask
+    """Completions right-padded into ids [K, T] and a float mask [K, T].
+
+    Built where the completions are (the host, after sampling) with a fixed handful of
+    operators, then copied to `device` once each, instead of two per completion."""
+    sizes = [len(c) for c in completions]
+    flat = torch.cat(list(completions))  # [sum L]
+    lengths = torch.tensor(sizes, device=flat.device)  # [K]
+    keep = torch.arange(max(sizes), device=flat.device) < lengths[:, None]  # [K, T]
+    comp = torch.full(keep.shape, pad, dtype=torch.long, device=flat.device)
+    comp[keep] = flat.long()
+    return comp.to(device), keep.to(device=device, dtype=torch.float32)
 
 
 def batch_logprobs(
