@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -279,7 +280,7 @@ def reads(store: Any, ids: dict[str, str], tmp: Path) -> list[tuple[str, Callabl
     a, b = ids["a"], ids["b"]
     listed = store.images(a)
     one = listed[len(listed) * 43 // 100]["image_id"]
-    return [
+    named = [
         ("Sessions: list_sessions", lambda: store.list_sessions()),
         ("header: get_session(A)", lambda: store.get_session(a)),
         ("curves: metrics(A)", lambda: store.metrics(a)),
@@ -289,7 +290,6 @@ def reads(store: Any, ids: dict[str, str], tmp: Path) -> list[tuple[str, Callabl
         ("answers(A)", lambda: store.answers(a)),
         ("images(A)", lambda: store.images(a)),
         ("rollouts(A, one image)", lambda: store.rollouts(a, one)),
-        ("answers(A, limit=300)", lambda: store.answers(a, limit=300, offset=300)),
         ("Adapt: redraw, run active", lambda: adapt_redraw(store, a, True)),
         ("Adapt: redraw, run ended", lambda: adapt_redraw(store, a, False)),
         ("Inspect: overview (all)", lambda: inspect_overview(store, a)),
@@ -301,6 +301,9 @@ def reads(store: Any, ids: dict[str, str], tmp: Path) -> list[tuple[str, Callabl
         ("Export: dump(A)", lambda: store.dump(a)),
         ("Export: export_session(A)", lambda: store.export_session(a, tmp / "a.zip")),
     ]
+    if hasattr(store, "rollout_stats"):  # pages since migration 0004
+        named.insert(9, ("answers(A, limit=300)", lambda: store.answers(a, limit=300, offset=300)))
+    return named
 
 
 def time_reads(
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="run", help="results file: store-scale-<label>.json")
     parser.add_argument("--compare", type=Path, help="an earlier results file to put beside")
+    parser.add_argument("--no-export", action="store_true", help="skip the (long) export read")
     args = parser.parse_args(argv)
 
     from sessions import Store
@@ -359,9 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"database: {size['bytes'] / 2**20:.1f} MiB, "
           + ", ".join(f"{k} {v:,}" for k, v in size.items() if k != "bytes"))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        timed = time_reads(reads(store, ids, Path(tmp)), args.repeats)
+        named = reads(store, ids, Path(tmp))
+        if args.no_export:
+            named = [(name, fn) for name, fn in named if name != "Export: export_session(A)"]
+        timed = time_reads(named, args.repeats)
     store.close()
-    result = {"label": args.label, "open_s": opened_s, "db": size, "reads": timed}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"label": args.label, "open_s": opened_s, "load": load, "db": size, "reads": timed}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"store-scale-{args.label}.json"
     out.write_text(json.dumps(result, indent=1))
