@@ -31,6 +31,7 @@ def app(tmp_path_factory):
     for phase, answers in (("before", "01234"), ("after", "01999")):
         rows = [{"image_id": f"i{k}", "response": a, "answer": a} for k, a in enumerate(answers)]
         sink("answers", {"phase": phase, "answers": rows})
+    store.set_status(sid, "done")  # a finished run (a queued one would draw the Adapt tab)
     demo = create_app(store)
     demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port(),
                 **launch_options(store))  # fmt: skip

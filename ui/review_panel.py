@@ -45,10 +45,8 @@ def verdict_markdown(state: dict[str, Any]) -> str:
         f"(after right {v['after_right']}, before right {v['before_right']}, neither "
         f"{v['neither']})"
     )
-    rec = {"keep": "keep the adapter", "revert": "roll back to the unadapted model",
-           "review": "mark a few flips first"}[v["recommendation"]]  # fmt: skip
     body = html.escape(review.verdict_text(state))
-    return f"{head}\n\n{body}\n\n**Recommendation: {rec}.**"
+    return f"{head}\n\n{body}"
 
 
 def flip_markdown(flip: dict | None, position: int, total: int) -> str:
