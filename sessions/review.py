@@ -23,18 +23,17 @@ def queue(store: Store, session_id: str) -> dict[str, Any]:
     from before, in the seeded review order, each with its `mark` or None), `images`
     (answered before and after), the `verdict` (`ttrv.review.Verdict` as a dict) and
     `applied` (the latest applied decision, or None)."""
-    rows = [r for r in store.answers(session_id) if r["before"] is not None]
-    answered = [r for r in rows if r["after_phase"] == "after"]
-    by_id = {r["image_id"]: r for r in answered if r["flipped"]}
+    found = store.flips(session_id)  # the flipped images' rows only
+    by_id = {r["image_id"]: r for r in found["rows"]}
     seed = int(
         ((store.get_session(session_id).get("config") or {}).get("optim") or {}).get("seed", 0)
     )
     marks = {i: m for i, m in store.review_marks(session_id).items() if i in by_id}
     flips = [{**by_id[i], "mark": marks.get(i)} for i in review_order(list(by_id), seed)]
-    v = verdict(marks, len(flips), len(answered))
+    v = verdict(marks, len(flips), found["answered"])
     return {
         "flips": flips,
-        "images": len(answered),
+        "images": found["answered"],
         "verdict": v.to_dict(),
         "applied": applied(store, session_id),
     }

@@ -1157,11 +1157,15 @@ class Store:
         image_id: str | None = None,
         limit: int | None = None,
         offset: int = 0,
+        image_ids: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         where, params = "session_id = ?", [session_id]
         if image_id is not None:
             where += " AND image_id = ?"
             params.append(image_id)
+        if image_ids is not None:
+            where += " AND image_id IN (SELECT value FROM json_each(?))"
+            params.append(to_json(list(image_ids)))
         if limit is not None or offset:
             where += " ORDER BY position LIMIT ? OFFSET ?"
             params += [-1 if limit is None else int(limit), int(offset)]
@@ -1175,7 +1179,7 @@ class Store:
             return []
         sql = "SELECT phase, image_id, response, answer FROM answers WHERE session_id = ?"
         answer_params: list[Any] = [session_id]
-        if image_id is not None or limit is not None or offset:  # only this page's images
+        if image_id is not None or image_ids is not None or limit is not None or offset:
             sql += f" AND image_id IN (SELECT image_id FROM session_images WHERE {where})"
             answer_params += params
         phases: dict[str, dict[str, tuple]] = {}
@@ -1204,6 +1208,27 @@ class Store:
                 }
             )
         return out
+
+    def flips(self, session_id: str) -> dict[str, Any]:
+        """What the flip review reads, without the other images' rows: `answered` (images
+        with a "before" answer and an "after" answer row) and `rows` (the `answers` rows of
+        those whose answer flipped, in image order)."""
+        pairs = (
+            "FROM answers b JOIN answers af ON af.session_id = b.session_id AND "
+            "af.image_id = b.image_id AND af.phase = 'after' JOIN session_images si ON "
+            "si.session_id = b.session_id AND si.image_id = b.image_id "
+            "WHERE b.session_id = ? AND b.phase = 'before' AND b.answer IS NOT NULL"
+        )
+        with self._read("reading flips") as db:
+            self._session_row(db, session_id)
+            answered = db.execute(f"SELECT count(*) {pairs}", [session_id]).fetchone()[0]
+            # differing text is a superset of a flip (answers are compared normalised)
+            ids = [r[0] for r in db.execute(
+                f"SELECT b.image_id {pairs} AND af.answer IS NOT NULL AND af.answer != b.answer",
+                [session_id],
+            )]  # fmt: skip
+            rows = self._answers(db, session_id, image_ids=ids) if ids else []
+        return {"answered": answered, "rows": [r for r in rows if r["flipped"]]}
 
     def answer_phases(self, session_id: str) -> dict[str, int]:
         """{phase: answers given in it (None answers not counted)} for each phase the

@@ -190,6 +190,27 @@ def test_answer_phases_say_what_the_answers_hold(store: Store, session: str) -> 
     assert store.answer_phases(empty) == {}
 
 
+def test_flip_review_reads_only_the_flips(store: Store, session: str) -> None:
+    """`Store.flips` and the review queue built on it hold the images and counts that
+    filtering every image's answers gave: answers equal after normalising are no flip,
+    an image without a "before" answer or an "after" row is not counted."""
+    from sessions import review
+
+    store.sink(session)("answers", {"phase": "after", "answers": [
+        {"image_id": "edge3", "response": "seven", "answer": "seven"},  # " SEVEN " before
+        {"image_id": "edge1", "response": "", "answer": None},  # answered, not compared
+    ]})  # fmt: skip
+    rows = [r for r in legacy_answers(store, session) if r["before"] is not None]
+    answered = [r for r in rows if r["after_phase"] == "after"]
+    flipped = [r for r in answered if r["flipped"]]
+    assert flipped and len(answered) > len(flipped)
+    found = store.flips(session)
+    assert found == {"answered": len(answered), "rows": flipped}
+    state = review.queue(store, session)
+    assert state["images"] == len(answered)
+    assert sorted(f["image_id"] for f in state["flips"]) == sorted(r["image_id"] for r in flipped)
+
+
 def test_images_pages_and_one_image_match_the_whole_read(store: Store, session: str) -> None:
     """`images` with image_id / limit / offset returns slices of the whole list."""
     full = store.images(session)
