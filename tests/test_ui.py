@@ -215,6 +215,35 @@ def test_run_log_lists_jobs_and_events_in_time_order():
     assert run_log([], []) == "Nothing logged yet."
 
 
+def test_cli_command_reproduces_the_forms_settings(tmp_path):
+    """The command line shown for the current settings parses back, through the CLI's own
+    parser, into the same config; only settings that differ from the defaults appear."""
+    import shlex
+
+    from ttrv.cli import build_parser, config_from_args
+    from ui.exports import cli_command, image_args
+    from ui.forms import config_from_values
+    from ui.workbench import DEMO_DIR
+
+    cfg = config_from_values({
+        "rollout__n_rollouts": 8, "rollout__n_train": 4, "optim__skip_converged": False,
+        "task__kind": "multiple_choice", "task__question": "Which digit is shown?",
+        "lora__alpha": 32, "model__model": str(tmp_path / "my model"),
+    })  # fmt: skip
+    images, labels = image_args([{"path": str(p)} for p in sorted(DEMO_DIR.glob("*.png"))],
+                                DEMO_DIR)  # fmt: skip
+    assert images == [str(DEMO_DIR.resolve())] and labels.endswith("labels.csv")
+    command = cli_command(cfg, images, labels)
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:4] == ["python", "-m", "ttrv", "adapt"]
+    args = build_parser().parse_args(argv[3:])
+    assert config_from_args(args) == cfg and args.images == images
+    assert "--n-rollouts 8" in command and "--no-skip-converged" in command
+    assert "--lora-alpha 32" in command and "--learning-rate" not in command
+    upload = tmp_path / "x.png"
+    assert image_args([{"path": str(upload)}], DEMO_DIR)[0] == ["IMAGES/"]  # a temp copy
+
+
 def test_unique_import_names():
     from ui.sessions_tab import unique_name
 
@@ -549,6 +578,12 @@ def test_first_screen_warns_about_photos_for_the_digits_model(app, tmp_path):
     warning, same = c.predict(BUNDLED_MODEL, api_name="/domain_check")
     assert "1 of 25 images do not look like" in warning and "cheetah.jpg" in warning
     assert warning == same  # the Images tab shows it too
+    command, status = c.predict(model__model=BUNDLED_MODEL, rollout__n_rollouts=8,
+                                rollout__n_train=4, api_name="/cli_command")  # fmt: skip
+    command = command["value"] if isinstance(command, dict) else command  # a shown gr.Code
+    assert status == "", status
+    assert command.startswith("python -m ttrv adapt \\\n    IMAGES/")  # an upload: no folder
+    assert "--n-rollouts 8" in command
     assert c.predict(app.model if app.model != BUNDLED_MODEL else "Qwen/Qwen2.5-VL-3B-Instruct",
                      api_name="/domain_check")[0] == ""  # fmt: skip
 

@@ -22,7 +22,7 @@ from sessions import jobs
 from sessions.schema import StoreError
 from ttrv.tasks import Item, build_prompt
 
-from . import charts, checks, forms, images_tab, model_card, model_tab, task_tab
+from . import charts, checks, exports, forms, images_tab, model_card, model_tab, task_tab
 from . import draft as drafts
 from .state import ACTIVE, Context, bullet_list, error, guarded, header_text, info, ok
 
@@ -125,6 +125,13 @@ def build(ctx: Context) -> dict[str, Any]:
             with gr.Accordion(title, open=section in ("rollout", "optim"),
                               elem_id=f"adv-{section}"):  # fmt: skip
                 ctx.forms.update(forms.build_section(section, columns=4))
+        with gr.Row():
+            cli_btn = gr.Button("Show as a command line", size="sm", scale=0,
+                                elem_id="cli-btn")  # fmt: skip
+            gr.Markdown("The same run headless, with every setting that differs from the "
+                        "defaults (all tabs' settings).")  # fmt: skip
+        cli_box = gr.Code(language="shell", visible=False, elem_id="cli-command",
+                          label="python -m ttrv adapt …")  # fmt: skip
     progress = gr.HTML(elem_id="progress")
     headline = gr.Markdown(elem_id="run-headline")
     with gr.Accordion("Run log", open=False, elem_id="run-log-box"):
@@ -171,6 +178,12 @@ def build(ctx: Context) -> dict[str, Any]:
             + ("\n\n" + bullet_list(notes) if notes else ""),
             sid, header_text(ctx.store, sid), None,
         )  # fmt: skip
+
+    @guarded(outputs=2, status=1)
+    def as_command(draft: list, **values: Any) -> tuple:
+        cfg = forms.config_from_values(values)
+        images, labels = exports.image_args(draft or [], ctx.demo_dir)
+        return gr.Code(exports.cli_command(cfg, images, labels), visible=True), ""
 
     @guarded(outputs=1)
     def stop(sid: str | None) -> str:
@@ -299,6 +312,8 @@ def build(ctx: Context) -> dict[str, Any]:
                                   [status, ctx.session, ctx.header, seen],
                                   inputs_kwargs=dict(ctx.forms), api_name="start")  # fmt: skip
         stop_btn.click(stop, ctx.session, status, api_name="stop")
+        cli_btn.click(as_command, ctx.draft, [cli_box, status], inputs_kwargs=dict(ctx.forms),
+                      api_name="cli_command")  # fmt: skip
         resume_btn.click(resume, ctx.session, [status, seen], api_name="resume")
         timer.tick(tick, [ctx.session, seen], out, show_progress="hidden", api_name="progress")
         ctx.on_session_change(redraw, [ctx.session], out)

@@ -71,3 +71,45 @@ def write_answers_csv(store: Store, session_id: str, folder: Path | None = None)
         for row in answer_rows(store, session_id):
             writer.writerow({k: _cell(v) for k, v in row.items()})
     return path
+
+
+def image_args(draft: list[dict[str, Any]], demo_dir: Path) -> tuple[list[str], str | None]:
+    """(image arguments, labels CSV) that reproduce the draft on the command line: the
+    demo folder (with its labels) when every image comes from it, else the folders that
+    hold the files, else a placeholder for uploads (their files are temporary copies)."""
+    paths = [Path(d["path"]) for d in draft if d.get("path")]
+    if not paths:
+        return ["IMAGES/"], None
+    demo = demo_dir.resolve()
+    if all(p.resolve().parent == demo for p in paths):
+        labels = demo / "labels.csv"
+        return [str(demo)], str(labels) if labels.is_file() else None
+    temp = Path(tempfile.gettempdir()).resolve()
+    if any(p.resolve().is_relative_to(temp) for p in paths):
+        return ["IMAGES/"], None  # uploaded through the browser: name your own folder
+    folders = sorted({str(p.parent) for p in paths})
+    return folders if len(folders) <= 3 else ["IMAGES/"], None
+
+
+def cli_command(config: Any, images: list[str], labels: str | None = None) -> str:
+    """The `python -m ttrv adapt` command that runs `config` headless: one flag per setting
+    that differs from the defaults (flag names from `ttrv.cli.flag_name`)."""
+    import shlex
+
+    from ttrv.cli import flag_name
+    from ttrv.config import AdaptConfig
+
+    defaults = AdaptConfig().to_dict()
+    parts = ["python -m ttrv adapt", *(shlex.quote(i) for i in images)]
+    if labels:
+        parts.append(f"--labels {shlex.quote(labels)}")
+    for section, values in config.to_dict().items():
+        for name, value in values.items():
+            if defaults.get(section, {}).get(name) == value:
+                continue
+            flag = flag_name(section, name)
+            if isinstance(value, bool):
+                parts.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                parts.append(f"--{flag} {shlex.quote(str(value))}")
+    return " \\\n    ".join(parts)
