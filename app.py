@@ -37,6 +37,9 @@ def free_port(host: str, first: int, tries: int = 50) -> int:
 
     for port in range(first, first + tries):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As the server will: a port whose last connections linger in TIME_WAIT after a
+            # restart is free to listen on again, not a reason to move to the next port.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
