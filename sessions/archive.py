@@ -171,10 +171,10 @@ def export_session(store: Store, session_id: str, dest: str | os.PathLike[str]) 
             for table in TABLES:
                 text = json.dumps(_readable(table, tables[table]), ensure_ascii=False, indent=1)
                 zf.writestr(f"tables/{table}.json", text)
-            db = store._db()
+            with store.snapshot("reading the schema") as db:
+                columns = {table: list(db[table].columns_dict) for table in CSV_TABLES}
             for table in CSV_TABLES:
-                columns = list(db[table].columns_dict)
-                zf.writestr(f"csv/{table}.csv", _csv(columns, tables[table]))
+                zf.writestr(f"csv/{table}.csv", _csv(columns[table], tables[table]))
             for arcname, source in sorted(files.items()):
                 zf.write(source, arcname)  # streamed: an adapter may be large
                 listed[arcname] = {"sha256": sha256_file(source), "bytes": source.stat().st_size}
@@ -465,16 +465,16 @@ def imported_model_problem(store: Store, session_id: str, model: str) -> str | N
 def allow_remote_code(store: Store, session_id: str) -> None:
     """Turn `trust_remote_code` on for one session, at the person's request (import turns
     it off); recorded as a "warning" event so the choice stays visible."""
-    with store._write("allowing remote code") as db:
-        row = store._session_row(db, session_id)
+    with store.transaction("allowing remote code") as db:
+        row = store.session_row(db, session_id)
         config = json.loads(row["config"])
         config.setdefault("model", {})["trust_remote_code"] = True
-        store._touch(db, session_id, config=to_json(config))
+        store.update_session(db, session_id, config=to_json(config))
         message = (
             f"Remote code turned on for this session by request: Python code shipped with "
             f"{config['model'].get('model', row['model'])!r} runs when the model loads."
         )
-        store._add_event(db, session_id, "warning", {"message": message})
+        store.insert_event(db, session_id, "warning", {"message": message})
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -653,12 +653,12 @@ def import_archive(store: Store, path: str | os.PathLike[str]) -> str:
             else _load_json(zf, path, f"tables/{t}.json")
             for t in TABLES
         }
-        with store._read("reading the schema") as db:
+        with store.snapshot("reading the schema") as db:
             columns = {t: db[t].columns for t in TABLES}
         _check_rows(path, tables, columns)
         plan = _planned_files(path, manifest, tables["images"])
         original = tables["sessions"][0].get("id")
-        with store._read("choosing a session id") as db:
+        with store.snapshot("choosing a session id") as db:
             taken = db.execute("SELECT 1 FROM sessions WHERE id = ?", [original]).fetchone()
         session_id = original if paths.is_session_id(original) and not taken else None
         session_id = session_id or uuid.uuid4().hex[:12]
@@ -695,8 +695,7 @@ def _install(
     """Move the checked files into place and insert the rows; undo the files on failure."""
     adapter_dir = store.adapter_dir(session_id, create=False)
     created_adapter_dir = not adapter_dir.exists()
-    written: list[str] = []
-    with store._files_lock:
+    with store.storing_files() as written:  # image files nobody references are removed on failure
         try:
             for arcname, (kind, rel, _sha, _fmt) in plan.items():
                 if kind == "image":
@@ -710,7 +709,6 @@ def _install(
                 os.replace(staged[arcname], target)
             _insert(store, rows, session_id)
         except BaseException as exc:
-            store._remove_unreferenced(written)
             if created_adapter_dir:
                 shutil.rmtree(adapter_dir, ignore_errors=True)
             if isinstance(exc, OSError | ValueError):
@@ -719,7 +717,7 @@ def _install(
 
 
 def _insert(store: Store, rows: dict[str, list[dict[str, Any]]], session_id: str) -> None:
-    with store._write("importing a session") as db:
+    with store.transaction("importing a session") as db:
         if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone():
             raise StoreError(f"A session {session_id} appeared meanwhile; import again.")
         for table in TABLES:

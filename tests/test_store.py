@@ -339,7 +339,7 @@ def test_full_disk_while_writing_an_image_file(store, session, tmp_path, monkeyp
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("sessions.store.write_atomic", full)
+    monkeypatch.setattr("sessions.store.images.write_atomic", full)
     with pytest.raises(StoreError, match="disk is full"):
         store.add_images(sid, [{"path": png(tmp_path / "in" / "new.png", (7, 7, 7))}])
     assert len(store.images(sid)) == 2

@@ -15,7 +15,7 @@ import pytest
 
 from bench.store_scale import build_session
 from sessions import Store, schema
-from sessions.store import _same
+from sessions.store.reads import _same
 
 INVALID = "<invalid>"
 

@@ -1,0 +1,354 @@
+"""Read models: what the UI, the CLI and the benchmarks read from a session, each from one
+snapshot: per-step metrics, rollouts, per-image answers before and after, flips and review
+marks, events, two sessions compared, and the headline numbers of the session list."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..schema import StoreError
+from .base import StoreBase, query_rows
+from .tables import now, parse_json_columns, to_json
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+
+@functools.lru_cache(maxsize=4096)  # a session holds few distinct answers, many times over
+def _norm(answer: str | None) -> str | None:
+    return None if answer is None else " ".join(str(answer).split()).casefold()
+
+
+def _same(a: str | None, b: str | None) -> bool | None:
+    return None if a is None or b is None else _norm(a) == _norm(b)
+
+
+def _last_round(phases: Iterable[str]) -> str | None:
+    """The "round-k" phase with the largest k, or None."""
+    rounds = [p for p in phases if p.startswith("round-")]
+    return max(rounds, key=lambda p: int(p[6:])) if rounds else None
+
+
+def headline(db: Database, session_id: str) -> dict[str, Any]:
+    """steps, last_step, reward_mean and consensus of the last step, images,
+    compared (images with before and after answers), flipped, agreement (share of
+    compared images whose answer did not change), labelled, accuracy_before/after
+    (over labelled images answered in that phase; None without labels)."""
+    last = query_rows(
+        db,
+        "SELECT step, reward_mean, consensus, (SELECT count(*) FROM steps WHERE "
+        "session_id = ?1) AS steps FROM steps WHERE session_id = ?1 "
+        "ORDER BY step DESC LIMIT 1",
+        [session_id],
+    )
+    last_row = last[0] if last else {}
+    # (label, before, after) per image, "after" as `answer_rows` picks it, in one query.
+    per_image = db.execute(
+        "SELECT si.label, b.answer, CASE WHEN af.image_id IS NOT NULL THEN af.answer "
+        "ELSE (SELECT r.answer FROM answers r WHERE r.session_id = ?1 AND r.image_id = "
+        "si.image_id AND substr(r.phase, 1, 6) = 'round-' ORDER BY "
+        "CAST(substr(r.phase, 7) AS INTEGER) DESC LIMIT 1) END "
+        "FROM session_images si LEFT JOIN answers b ON b.session_id = ?1 AND "
+        "b.phase = 'before' AND b.image_id = si.image_id LEFT JOIN answers af ON "
+        "af.session_id = ?1 AND af.phase = 'after' AND af.image_id = si.image_id "
+        "WHERE si.session_id = ?1",
+        [session_id],
+    ).fetchall()
+    compared = flipped = labelled = 0
+    right = {"before": [0, 0], "after": [0, 0]}  # [correct, known] over labelled images
+    for label, before, after in per_image:
+        same = _same(before, after)
+        if same is not None:
+            compared += 1
+            flipped += not same
+        if label is None:
+            continue
+        labelled += 1
+        for key, answer in (("before", before), ("after", after)):
+            correct = _same(answer, label)
+            if correct is not None:
+                right[key][0] += correct
+                right[key][1] += 1
+
+    def accuracy(key: str) -> float | None:
+        correct, known = right[key]
+        return correct / known if known else None
+
+    return {
+        "steps": last_row.get("steps", 0),
+        "last_step": last_row.get("step"),
+        "reward_mean": last_row.get("reward_mean"),
+        "consensus": last_row.get("consensus"),
+        "images": len(per_image),
+        "compared": compared,
+        "flipped": flipped,
+        "agreement": 1 - flipped / compared if compared else None,
+        "labelled": labelled,
+        "accuracy_before": accuracy("before"),
+        "accuracy_after": accuracy("after"),
+    }
+
+
+def answer_rows(
+    db: Database,
+    session_id: str,
+    image_id: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    image_ids: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows `ReadModels.answers` describes (all, one image's, a page, or those of
+    `image_ids`), inside the caller's snapshot."""
+    where, params = "session_id = ?", [session_id]
+    if image_id is not None:
+        where += " AND image_id = ?"
+        params.append(image_id)
+    if image_ids is not None:
+        where += " AND image_id IN (SELECT value FROM json_each(?))"
+        params.append(to_json(list(image_ids)))
+    if limit is not None or offset:
+        where += " ORDER BY position LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else int(limit), int(offset)]
+    else:
+        where += " ORDER BY position"
+    keys = ("image_id", "name", "position", "label", "sha256")
+    images = db.execute(
+        f"SELECT {', '.join(keys)} FROM session_images WHERE {where}", params
+    ).fetchall()
+    if len(images) == 0:
+        return []
+    sql = "SELECT phase, image_id, response, answer FROM answers WHERE session_id = ?"
+    answer_params: list[Any] = [session_id]
+    if image_id is not None or image_ids is not None or limit is not None or offset:
+        sql += f" AND image_id IN (SELECT image_id FROM session_images WHERE {where})"
+        answer_params += params
+    phases: dict[str, dict[str, tuple]] = {}
+    for phase, iid, response, answer in db.execute(sql, answer_params):
+        phases.setdefault(iid, {})[phase] = (answer, response)
+    out = []
+    for image in images:
+        seen = phases.get(image[0], {})
+        before = seen.get("before", (None, None))
+        after_phase = "after" if "after" in seen else _last_round(seen)
+        after = seen[after_phase] if after_phase else (None, None)
+        label = image[3]
+        same = _same(before[0], after[0])
+        out.append(
+            {
+                **dict(zip(keys, image, strict=True)),
+                "before": before[0],
+                "before_response": before[1],
+                "after": after[0],
+                "after_response": after[1],
+                "after_phase": after_phase,
+                "phases": {p: a for p, (a, _r) in seen.items()},
+                "flipped": None if same is None else not same,
+                "correct_before": _same(before[0], label),
+                "correct_after": _same(after[0], label),
+            }
+        )
+    return out
+
+
+class ReadModels(StoreBase):
+    """Queries for the UI. `compare` reads both sessions through `get_session` (`Sessions`)."""
+
+    def metrics(self, session_id: str) -> list[dict[str, Any]]:
+        """One dict per step (every StepRecord field, plus `extra` keys), ordered by step."""
+        with self.snapshot("reading metrics") as db:
+            self.session_row(db, session_id)
+            rows = query_rows(
+                db, "SELECT * FROM steps WHERE session_id = ? ORDER BY step", [session_id]
+            )
+        out = []
+        for r in rows:
+            extra_json = r.pop("extra")
+            extra = json.loads(extra_json) if extra_json else {}
+            r.pop("session_id")
+            r.pop("created")
+            out.append({**r, **extra})
+        return out
+
+    def rollouts(self, session_id: str, image_id: str, step: int | None = None) -> list[dict]:
+        """The rollouts of one image at `step` (default: the latest step that has rollouts
+        for it), ordered by index, as RolloutRecord dicts."""
+        with self.snapshot("reading rollouts") as db:
+            self.session_row(db, session_id)
+            if step is None:
+                step = db.execute(
+                    "SELECT max(step) FROM rollouts WHERE session_id = ? AND image_id = ?",
+                    [session_id, image_id],
+                ).fetchone()[0]
+            rows = query_rows(
+                db,
+                "SELECT * FROM rollouts WHERE session_id = ? AND image_id = ? AND step = ? "
+                'ORDER BY "index"',
+                [session_id, image_id, step],
+            )
+        for r in rows:
+            r.pop("session_id")
+            r["trained"] = bool(r["trained"])
+            parse_json_columns("rollouts", r)
+        return rows
+
+    def rollout_stats(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """{image_id: {"step", "n", "consensus", "invalid"}} at each image's latest step with
+        rollouts, from the per-(image, step) summary (`image_steps`) instead of every
+        rollout: consensus is the most common valid answer's share of the n rollouts,
+        invalid the share without a valid answer (as `ui.charts.image_stats` computes them
+        from `rollouts`)."""
+        with self.snapshot("reading rollout statistics") as db:
+            self.session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, max(step), n, top, invalid FROM image_steps "
+                "WHERE session_id = ? GROUP BY image_id",
+                [session_id],
+            ).fetchall()
+        return {
+            image_id: {"step": step, "n": n, "consensus": top / n, "invalid": invalid / n}
+            for image_id, step, n, top, invalid in rows
+        }
+
+    def flips(self, session_id: str) -> dict[str, Any]:
+        """What the flip review reads, without the other images' rows: `answered` (images
+        with a "before" answer and an "after" answer row) and `rows` (the `answers` rows of
+        those whose answer flipped, in image order)."""
+        pairs = (
+            "FROM answers b JOIN answers af ON af.session_id = b.session_id AND "
+            "af.image_id = b.image_id AND af.phase = 'after' JOIN session_images si ON "
+            "si.session_id = b.session_id AND si.image_id = b.image_id "
+            "WHERE b.session_id = ? AND b.phase = 'before' AND b.answer IS NOT NULL"
+        )
+        with self.snapshot("reading flips") as db:
+            self.session_row(db, session_id)
+            answered = db.execute(f"SELECT count(*) {pairs}", [session_id]).fetchone()[0]
+            # differing text is a superset of a flip (answers are compared normalised)
+            ids = [r[0] for r in db.execute(
+                f"SELECT b.image_id {pairs} AND af.answer IS NOT NULL AND af.answer != b.answer",
+                [session_id],
+            )]  # fmt: skip
+            rows = answer_rows(db, session_id, image_ids=ids) if ids else []
+        return {"answered": answered, "rows": [r for r in rows if r["flipped"]]}
+
+    def answer_phases(self, session_id: str) -> dict[str, int]:
+        """{phase: answers given in it (None answers not counted)} for each phase the
+        session has answer rows in: whether the baseline or the final pass has run,
+        without reading every image's answers."""
+        with self.snapshot("reading answer phases") as db:
+            self.session_row(db, session_id)
+            rows = db.execute(
+                "SELECT phase, count(answer) FROM answers WHERE session_id = ? GROUP BY phase",
+                [session_id],
+            ).fetchall()
+        return dict(rows)
+
+    def converged_images(self, session_id: str) -> dict[str, int]:
+        """{image_id: first step at which all of its rollouts gave one valid answer}: the
+        images `optim.skip_converged` drops from later rounds (`ttrv.adapt.is_converged`)."""
+        with self.snapshot("reading converged images") as db:
+            self.session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, min(step) FROM image_steps WHERE session_id = ? AND "
+                "invalid = 0 AND answers = 1 GROUP BY image_id",
+                [session_id],
+            ).fetchall()
+        return {image_id: int(step) for image_id, step in rows}
+
+    def answers(
+        self,
+        session_id: str,
+        image_id: str | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Per image, in order: image_id, name, position, label, sha256, before,
+        before_response, after, after_response, after_phase ("after", else the last
+        "round-k" answered), phases ({phase: answer}), flipped, correct_before,
+        correct_after. Answers match after trimming and case folding; flipped/correct are
+        None when an answer (or the label) is missing.
+
+        `image_id` gives that image's row alone (an empty list when the session has no such
+        image); `limit`/`offset` one page of rows in image order: neither reads the rest."""
+        with self.snapshot("reading answers") as db:
+            self.session_row(db, session_id)
+            return answer_rows(db, session_id, image_id, limit, offset)
+
+    # -- flip review -----------------------------------------------------------------------
+
+    def set_review_mark(self, session_id: str, image_id: str, mark: str) -> None:
+        """Record which answer of a flipped image was right ("before", "after", "neither");
+        "skip" removes a mark."""
+        if mark not in ("before", "after", "neither", "skip"):
+            raise StoreError(f"Unknown review mark {mark!r}: before, after, neither or skip.")
+        with self.transaction("saving a review mark") as db:
+            self.session_row(db, session_id)
+            db.execute(
+                "DELETE FROM reviews WHERE session_id = ? AND image_id = ?",
+                [session_id, image_id],
+            )
+            if mark != "skip":
+                db["reviews"].insert(
+                    {"session_id": session_id, "image_id": image_id, "mark": mark, "created": now()}
+                )
+
+    def review_marks(self, session_id: str) -> dict[str, str]:
+        """image_id -> mark, for the session's reviewed flips."""
+        with self.snapshot("reading review marks") as db:
+            self.session_row(db, session_id)
+            rows = db.execute(
+                "SELECT image_id, mark FROM reviews WHERE session_id = ? ORDER BY created",
+                [session_id],
+            ).fetchall()
+        return {image_id: mark for image_id, mark in rows}
+
+    def compare(self, a: str, b: str) -> dict[str, Any]:
+        """Two sessions side by side: {"a": session, "b": session (both as get_session),
+        "config_diff": [{"key", "a", "b"}] (dotted keys), "images": [{"key", "name",
+        "label", "a": answers row, "b": answers row}] for images both sessions hold
+        (matched by content sha256, else by image_id)}."""
+        sessions = {"a": self.get_session(a), "b": self.get_session(b)}
+        per_image = {"a": self.answers(a), "b": self.answers(b)}
+        keyed = {
+            s: {r["sha256"] or r["image_id"]: r for r in rows} for s, rows in per_image.items()
+        }
+        shared = [
+            {
+                "key": key,
+                "name": row["name"],
+                "label": row["label"] if row["label"] is not None else keyed["b"][key]["label"],
+                "a": row,
+                "b": keyed["b"][key],
+            }
+            for key, row in keyed["a"].items()
+            if key in keyed["b"]
+        ]
+        return {
+            **sessions,
+            "config_diff": _diff(sessions["a"]["config"], sessions["b"]["config"]),
+            "images": shared,
+        }
+
+    def events(self, session_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """Logged events in order: id, kind, data (parsed), created; optionally one kind."""
+        sql = "SELECT id, kind, data, created FROM events WHERE session_id = ?"
+        params: list[Any] = [session_id]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        with self.snapshot("reading events") as db:
+            self.session_row(db, session_id)
+            rows = query_rows(db, sql + " ORDER BY id", params)
+        return [parse_json_columns("events", r) for r in rows]
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[dict[str, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [{"key": prefix.rstrip("."), "a": a, "b": b}]
