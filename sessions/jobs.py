@@ -4,7 +4,8 @@ A UI (or any caller) submits a job by writing a row; the worker claims queued ro
 order and writes back status, result and errors. Nobody holds a reference to the worker,
 so a closed browser tab, a reload or a second tab cannot orphan or duplicate work.
 
-Job kinds: "load_model", "baseline", "adapt", "evaluate", "ask".
+Job kinds: "load_model", "baseline", "adapt", "evaluate", "ask", "preview" (a prompt through
+the model's chat template: the processor only), "export_model" (a merged model folder).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 from .schema import NotFoundError, StoreError
 from .store import Store, now, to_json
 
-KINDS = ("load_model", "baseline", "adapt", "evaluate", "ask")
+KINDS = ("load_model", "baseline", "adapt", "evaluate", "ask", "preview", "export_model")
 SESSION_KINDS = ("baseline", "adapt", "evaluate")
+# Jobs that never touch the loaded model: the worker also runs them beside a running one.
+LIGHT_KINDS = ("preview",)
 
 
 def _parse(row: dict[str, Any]) -> dict[str, Any]:
@@ -71,12 +74,15 @@ def submit(
         return int(cursor.lastrowid)
 
 
-def claim_next(store: Store) -> dict[str, Any] | None:
-    """Atomically mark the oldest queued job running and return it."""
+def claim_next(store: Store, kinds: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    """Atomically mark the oldest queued job (of one of `kinds`, default any) running and
+    return it."""
+    sql, params = "SELECT id FROM jobs WHERE status = 'queued'", []
+    if kinds is not None:
+        sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+        params = list(kinds)
     with store._write("claiming a job") as db:
-        row = db.execute(
-            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
-        ).fetchone()
+        row = db.execute(sql + " ORDER BY id LIMIT 1", params).fetchone()
         if row is None:
             return None
         db.execute("UPDATE jobs SET status = 'running', started = ? WHERE id = ?", [now(), row[0]])

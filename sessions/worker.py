@@ -1,7 +1,8 @@
 """The background worker: owns the loaded model and runs the store's job queue.
 
 One thread, one model (loaded once, reloaded only when a job asks for another), jobs taken
-from the store in order. Every job reports through the store: progress through the engine's
+from the store in order; a second thread takes the light jobs (`jobs.LIGHT_KINDS`: a prompt
+preview needs the processor, never the model), so they do not wait for a running adaptation. Every job reports through the store: progress through the engine's
 sink, state through session and job rows. Nothing else talks to the worker, so the UI stays
 responsive and a closed tab cannot stop or orphan a run.
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
+import json
 import logging
 import threading
 import time
@@ -43,6 +46,43 @@ def free_memory() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=4)
+def cached_processor(source: str, trust_remote_code: bool) -> Any:
+    """The processor of a model (no weights). Raises ttrv.loading.ModelLoadError."""
+    from transformers import AutoConfig
+
+    from ttrv.loading import load_processor
+
+    local = Path(source).expanduser()
+    config_file = local / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text())["model_type"]
+    else:
+        model_type = AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code
+        ).model_type
+    return load_processor(str(local) if local.is_dir() else source, model_type, trust_remote_code)
+
+
+def render_preview(request: dict[str, Any]) -> dict[str, Any]:
+    """The exact prompt text of a preview request ({"model", "trust_remote_code", "task":
+    a TaskConfig dict, "item": image_id, name, question, options}) through the model's chat
+    template: {"prompt", "options", "note"}; when the template is unavailable, the user
+    text alone with `note` saying why."""
+    from ttrv.config import AdaptConfig
+    from ttrv.tasks import Item, build_prompt, render_prompt
+
+    task = AdaptConfig.from_dict({"task": request["task"]}).task
+    item = Item(image=None, **request["item"])  # build_prompt never looks at the pixels
+    prompt = build_prompt(task, item)
+    try:
+        processor = cached_processor(request["model"], bool(request.get("trust_remote_code")))
+        text, note = render_prompt(processor, prompt), None
+    except Exception as exc:  # noqa: BLE001 - the user text is still worth showing
+        text, note = prompt.text, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return {"prompt": text, "options": list(prompt.options), "note": note}
+
+
 class Worker:
     """Runs jobs from `store` on a daemon thread. `start()` then leave it be."""
 
@@ -51,6 +91,7 @@ class Worker:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._light: threading.Thread | None = None
         self.loaded: Any = None  # ttrv.loading.LoadedModel with a LoRA adapter attached
         self._loaded_key: str | None = None
 
@@ -63,18 +104,22 @@ class Worker:
         runs.mark_interrupted(self.store)
         jobs.recover(self.store)
         self._thread = threading.Thread(target=self._loop, name="ttrv-worker", daemon=True)
+        self._light = threading.Thread(target=self._loop, args=(jobs.LIGHT_KINDS,),
+                                       name="ttrv-worker-light", daemon=True)  # fmt: skip
         self._thread.start()
+        self._light.start()
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._light):
+            if thread:
+                thread.join(timeout)
 
-    def _loop(self) -> None:
+    def _loop(self, kinds: tuple[str, ...] | None = None) -> None:
         while not self._stop.is_set():
             try:
-                job = jobs.claim_next(self.store)
+                job = jobs.claim_next(self.store, kinds)
             except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
                 log.exception("claiming a job failed")
                 job = None
@@ -116,8 +161,6 @@ class Worker:
 
     def ensure_model(self, model_cfg: dict[str, Any], lora_cfg: dict[str, Any], seed: int) -> Any:
         """The loaded model for this config, with a fresh LoRA adapter."""
-        import json
-
         from ttrv.config import LoraConfig, ModelConfig
         from ttrv.loading import load_model
         from ttrv.lora import attach_lora
@@ -281,6 +324,9 @@ class Worker:
                 load_adapter_weights(loaded.model, ckpt["path"])
                 adapted = greedy_answers(policy, [item], task, rollout)[0]
         return {"base": base, "adapted": adapted, "question": task.question}
+
+    def _job_preview(self, job: dict[str, Any]) -> dict[str, Any]:
+        return render_preview(job["request"])
 
 
 def run_until_idle(worker: Worker, timeout: float = 300.0) -> None:

@@ -170,12 +170,20 @@ def test_rollouts_and_greedy_answers_see_the_template():
 
 @pytest.mark.slow
 def test_prompt_preview_shows_the_template():
-    from ui.task_tab import preview
+    """The preview (a worker job renders the prompt; the UI parses) shows the template."""
+    import dataclasses
+
+    from sessions.worker import render_preview
+    from ui.task_tab import parsed_text, preview_prompt
 
     image = {"image_id": "x", "name": "x.png", "options": ["2", "1", "0", "8"]}
-    text, parsed = preview(TRAINED_TASK, image, BUNDLED_MODEL, False, "B")
+    prompt, item = preview_prompt(TRAINED_TASK, image)
+    request = {"model": BUNDLED_MODEL, "task": dataclasses.asdict(TRAINED_TASK), "item": item}
+    text = render_preview(request)["prompt"]
     assert TRAINED in text and text != TRAINED  # the chat template was applied
+    parsed = parsed_text(TRAINED_TASK, prompt, "B")
     assert "parsed as **1**" in parsed
     assert TRAINED_TASK.template in parsed and "the task's template" in parsed
-    _, default = preview(TaskConfig(kind="multiple_choice"), image, BUNDLED_MODEL, False, "B")
+    default_task = TaskConfig(kind="multiple_choice")
+    default = parsed_text(default_task, preview_prompt(default_task, image)[0], "B")
     assert DEFAULT_TEMPLATES["multiple_choice"] in default and "the paper's wording" in default

@@ -687,21 +687,147 @@ def test_load_model_reports_size_and_device(app):
     assert "failed" in job_text(job) and "not found" in job_text(job)
 
 
+def rendered_preview(c, **kwargs):
+    """(prompt, parse) of the Preview button, once its worker job has rendered it."""
+    prompt, parsed, *_ = c.predict(image_id=None, api_name="/preview", **kwargs)
+    deadline = time.monotonic() + 60
+    while "Applying the model's chat template" in parsed:  # the job is pending: poll
+        assert time.monotonic() < deadline, "the preview job did not finish"
+        time.sleep(0.2)
+        polled = c.predict(api_name="/preview_poll")
+        if isinstance(polled[1], str):  # else skipped: still pending
+            prompt, parsed = polled[:2]
+    return prompt, parsed
+
+
 @pytest.mark.slow
 def test_prompt_preview_uses_the_models_chat_template(app):
-    """The preview shows the exact text (chat template, image token) and the parse."""
+    """The preview shows the exact text (chat template, image token, the session's template
+    with its option format and separator) and the parse; a worker job renders it."""
+    from sessions import jobs
+
     c = client(app)
     c.predict(api_name="/load_demo")
-    prompt, parsed = c.predict(
-        image_id=None, sample="I think it is 7.", model__model=app.model, api_name="/preview"
-    )
+    before = jobs.latest(app.store, "preview")
+    prompt, parsed = rendered_preview(c, sample="I think it is 7.", model__model=app.model)
     assert "Which digit is shown?" in prompt and "<image>" in prompt
-    assert "**7**" in parsed
-    prompt, parsed = c.predict(
-        image_id=None, sample="B", model__model=app.model, task__kind="multiple_choice",
-        task__options="3,7,1", api_name="/preview",
+    assert "**7**" in parsed and "unavailable" not in parsed
+    job = jobs.latest(app.store, "preview")
+    assert job["status"] == "done" and job["id"] != (before or {}).get("id")
+    assert job["result"]["prompt"].strip() == prompt.strip()  # gr.Code strips the end
+    prompt, parsed = rendered_preview(
+        c, sample="B", model__model=app.model, task__kind="multiple_choice",
+        task__options="3,7,1",
     )  # fmt: skip
     assert "A. 3 B. 7 C. 1" in prompt and "**7**" in parsed
+    template = dict(
+        task__template="Pick one. {options} Letter only.",
+        task__option_format="({letter}) {option}",
+        task__option_separator=" | ",
+    )
+    prompt, parsed = rendered_preview(
+        c, sample="C", model__model=app.model, task__kind="multiple_choice",
+        task__options="3,7,1", **template,
+    )  # fmt: skip
+    assert "Pick one. (A) 3 | (B) 7 | (C) 1 Letter only." in prompt and "<image>" in prompt
+    assert "**1**" in parsed and "the task's template" in parsed
+    n = jobs.latest(app.store, "preview")["id"]
+    again, _ = rendered_preview(
+        c, sample="C", model__model=app.model, task__kind="multiple_choice",
+        task__options="3,7,1", **template,
+    )  # fmt: skip
+    assert again == prompt and jobs.latest(app.store, "preview")["id"] == n  # cached
+    # A model without a chat template: the user text, and why.
+    prompt, parsed = rendered_preview(c, sample="7", model__model="/nonexistent/model")
+    assert prompt.startswith("Which digit is shown?") and "unavailable" in parsed
+
+
+def test_the_ui_process_never_imports_transformers(tmp_path):
+    """Issue 11: the UI must not load processors. Importing every ui module, building the
+    app and clicking Preview (which only queues a job: no worker runs here) leaves
+    transformers, torch and peft unimported."""
+    import subprocess
+    import sys
+
+    script = f"""
+import pkgutil, importlib, sys
+import ui
+for m in pkgutil.iter_modules(ui.__path__):
+    importlib.import_module("ui." + m.name)
+from sessions.store import Store
+from ui.workbench import create_app, launch_options
+from gradio_client import Client
+store = Store({str(tmp_path / "data")!r})
+demo = create_app(store)
+demo.launch(prevent_thread_lock=True, quiet=True, server_port={free_port()},
+            **launch_options(store))
+prompt, parsed, *_ = Client(demo.local_url, verbose=False).predict(
+    image_id=None, sample="7", api_name="/preview")
+assert "Applying the model's chat template" in parsed, parsed
+assert prompt.startswith("Which digit is shown?"), prompt
+print("imported:", sorted(m for m in ("transformers", "torch", "peft") if m in sys.modules))
+demo.close()
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported: []" in out.stdout.splitlines(), out.stdout
+
+
+@pytest.mark.slow
+def test_settings_presets_save_and_load(app):
+    """Issue 12: the settings form saved under a (sanitised) name as JSON in the data
+    directory and loaded back into every form field; a bad or hand-broken file, an empty
+    name and settings the dataclasses refuse are each a clear message."""
+    import json
+
+    from ui import presets
+
+    c = client(app)
+    settings = {
+        "model__model": app.model, "rollout__n_rollouts": 8, "rollout__n_train": 4,
+        "task__kind": "multiple_choice", "task__options": "3,7,1",
+        "task__template": "Pick one. {options}", "optim__learning_rate": 3e-4,
+        "guard__guard": False,
+    }  # fmt: skip
+    status, pick = c.predict(name="  digits / mc: lr*3 ", **settings, api_name="/save_preset")
+    name = presets.clean_name("  digits / mc: lr*3 ")
+    assert name == "digits - mc- lr-3" and f"Saved preset {name!r}" in html.unescape(status)
+    path = app.store.data_dir / "presets" / f"{name}.json"
+    saved = json.loads(path.read_text())
+    assert saved["rollout"]["n_rollouts"] == 8
+    assert saved["task"]["template"] == "Pick one. {options}"
+    assert pick["value"] == name and [name, name] in pick["choices"]
+    status, _ = c.predict(name=name, **settings, api_name="/save_preset")
+    assert "Replaced preset" in status
+
+    api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    keys = [p["parameter_name"] for p in api["/save_preset"]["parameters"]][1:]
+    status, *values = c.predict(name, api_name="/load_preset")
+    assert f"Loaded preset {name!r}" in html.unescape(status) and len(values) == len(keys)
+    loaded = dict(zip(keys, values, strict=True))
+    for k, v in settings.items():
+        assert loaded[k] == v, k
+    assert loaded["lora__rank"] == 8  # the rest of the form too: the defaults saved with it
+
+    status, *_ = c.predict(name="  /// ", **settings, api_name="/save_preset")
+    assert "Give the preset a name" in status
+    status, *_ = c.predict(name="x", **{**settings, "rollout__n_train": 9},
+                           api_name="/save_preset")  # fmt: skip
+    assert "must be between 1 and N" in status and not (path.parent / "x.json").exists()
+    (path.parent / "broken.json").write_text("{not json")
+    (path.parent / "wrong.json").write_text(json.dumps({"rollout": {"n_rollouts": 2,
+                                                                    "n_train": 8}}))  # fmt: skip
+    (path.parent / "odd.json").write_text(json.dumps({"rollouts": {"n_rollouts": 2}}))
+    for bad, message in (("broken", "cannot be read as JSON"),
+                         ("wrong", "holds settings this version refuses"),
+                         ("odd", "unknown sections ['rollouts']"),
+                         ("missing", "There is no preset 'missing'")):  # fmt: skip
+        status, *values = c.predict(bad, api_name="/load_preset")
+        assert message in html.unescape(status), status
+        assert all(v is None or isinstance(v, dict) for v in values)  # forms untouched
+    assert presets.names(app.store.data_dir) == ["broken", name, "odd", "wrong"]
 
 
 @pytest.mark.slow

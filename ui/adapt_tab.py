@@ -22,7 +22,7 @@ from sessions import jobs
 from sessions.schema import StoreError
 from ttrv.tasks import Item, build_prompt
 
-from . import charts, checks, exports, forms, images_tab, model_card, model_tab, task_tab
+from . import charts, checks, exports, forms, images_tab, model_card, model_tab, presets, task_tab
 from . import draft as drafts
 from .state import ACTIVE, Context, bullet_list, error, guarded, header_text, info, ok
 
@@ -132,6 +132,15 @@ def build(ctx: Context) -> dict[str, Any]:
                         "defaults (all tabs' settings).")  # fmt: skip
         cli_box = gr.Code(language="shell", visible=False, elem_id="cli-command",
                           label="python -m ttrv adapt …")  # fmt: skip
+        with gr.Row(equal_height=True):
+            preset_name = gr.Textbox(label="Preset name", scale=2, elem_id="preset-name",
+                                     placeholder="e.g. digits mc, lr 1e-4")  # fmt: skip
+            save_preset_btn = gr.Button("Save preset", size="sm", scale=0,
+                                        elem_id="preset-save")  # fmt: skip
+            preset_pick = gr.Dropdown(label="Saved presets", choices=[], scale=2,
+                                      elem_id="preset-pick", allow_custom_value=True)  # fmt: skip
+            load_preset_btn = gr.Button("Load preset", size="sm", scale=0,
+                                        elem_id="preset-load")  # fmt: skip
     progress = gr.HTML(elem_id="progress")
     headline = gr.Markdown(elem_id="run-headline")
     with gr.Accordion("Run log", open=False, elem_id="run-log-box"):
@@ -209,6 +218,18 @@ def build(ctx: Context) -> dict[str, Any]:
             ), gr.skip()
         jobs.submit(ctx.store, "adapt", {"resume": True}, sid)
         return ok(f"Resuming from step {ckpt['step']}."), None
+
+    @guarded(outputs=2)
+    def save_preset(name: str, **values: Any) -> tuple:
+        cfg = forms.config_from_values(values)  # only valid settings are saved
+        saved, replaced = presets.save(ctx.store.data_dir, name, cfg)
+        verb = "Replaced" if replaced else "Saved"
+        return (ok(f"{verb} preset {saved!r} (every tab's settings)."),
+                gr.Dropdown(choices=presets.names(ctx.store.data_dir), value=saved))  # fmt: skip
+
+    def preset_choices(current: str | None = None) -> Any:
+        choices = presets.names(ctx.store.data_dir)
+        return gr.Dropdown(choices=choices, value=current if current in choices else None)
 
     form_keys = list(ctx.forms)  # grows as later tabs build theirs; read in `wire`
 
@@ -315,6 +336,20 @@ def build(ctx: Context) -> dict[str, Any]:
         cli_btn.click(as_command, ctx.draft, [cli_box, status], inputs_kwargs=dict(ctx.forms),
                       api_name="cli_command")  # fmt: skip
         resume_btn.click(resume, ctx.session, [status, seen], api_name="resume")
+
+        @guarded(outputs=1 + len(form_comps))
+        def load_preset(name: str | None) -> tuple:
+            config = presets.load(ctx.store.data_dir, name)
+            return (ok(f"Loaded preset {name!r} into the settings."),
+                    *forms.form_updates(config, ctx.forms))  # fmt: skip
+
+        save_preset_btn.click(save_preset, preset_name, [status, preset_pick],
+                              inputs_kwargs=dict(ctx.forms), api_name="save_preset")  # fmt: skip
+        load_preset_btn.click(load_preset, preset_pick, [status, *form_comps],
+                              api_name="load_preset")  # fmt: skip
+        ctx.on_load(preset_choices, [], [preset_pick])
+        # Presets saved in another tab, or copied into the folder, show up when it opens.
+        preset_pick.focus(preset_choices, preset_pick, preset_pick, api_visibility="private")
         timer.tick(tick, [ctx.session, seen], out, show_progress="hidden", api_name="progress")
         ctx.on_session_change(redraw, [ctx.session], out)
         ctx.session_events.append(started)
