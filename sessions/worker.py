@@ -328,6 +328,42 @@ class Worker:
     def _job_preview(self, job: dict[str, Any]) -> dict[str, Any]:
         return render_preview(job["request"])
 
+    def _job_export_model(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The model a session answers with, as one folder that plain transformers loads
+        (`AutoModelForImageTextToText` + `AutoProcessor`): its latest adapter merged into
+        the base weights (peft `merge_and_unload`), or the unadapted model when its flip
+        review reverted it. Merging needs unquantised weights and changes them in place, so
+        a fresh full-precision copy is loaded, after dropping the worker's own."""
+        import shutil
+
+        from ttrv.config import AdaptConfig
+        from ttrv.loading import load_model
+        from ttrv.lora import load_adapter
+
+        sid = job["request"]["session_id"]  # not the job's session: a failed export
+        # must not mark a finished session failed
+        cfg = AdaptConfig.from_dict(self.store.get_session(sid)["config"])
+        self._check_imported_model(sid, cfg.model.model)
+        reverted = review.applied(self.store, sid) == "revert"
+        ckpt = None if reverted else self.store.latest_checkpoint(sid)
+        if not reverted and (ckpt is None or ckpt["missing"]):
+            raise FileNotFoundError("This session has no adapter saved yet: adapt first.")
+        self._drop_model()
+        loaded = load_model(dataclasses.replace(cfg.model, quantization="none"))
+        model = loaded.model if reverted else load_adapter(loaded.model, ckpt["path"])
+        if not reverted:
+            model = model.merge_and_unload()
+        dest = self.store.data_dir / "exports" / f"{sid}-model"
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        loaded.processor.save_pretrained(partial)
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+        del model, loaded
+        return {"path": str(dest), "adapted": not reverted,
+                "step": ckpt["step"] if ckpt else None}  # fmt: skip
+
 
 def run_until_idle(worker: Worker, timeout: float = 300.0) -> None:
     """Run queued jobs on the calling thread until none is left (tests, CLI)."""

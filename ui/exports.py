@@ -1,5 +1,7 @@
-"""The results people came for, as a CSV: every image's answer before and after adapting,
-the votes of its latest rollouts and their consensus. Read from the store only.
+"""The results people came for: a CSV of every image's answer before and after adapting
+(with the votes of its latest rollouts and their consensus), and the session's adapter
+folder as a zip. Read from the store only; the merged model is a worker job
+(`sessions.worker.Worker._job_export_model`).
 """
 
 from __future__ import annotations
@@ -7,13 +9,19 @@ from __future__ import annotations
 import csv
 import re
 import tempfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sessions import review
 from sessions.store import Store
 
 from . import charts
+
+# What a peft adapter folder holds (a checkpoint also has optimiser moments and loop state,
+# which only resuming needs).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 COLUMNS = ["image", "image_id", "label", "before", "after", "after_phase", "flipped",
            "correct_before", "correct_after", "votes", "consensus", "rollouts", "step",
@@ -24,18 +32,40 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def votes_text(rollouts: list[dict[str, Any]]) -> str:
+def votes_text(counts: Counter) -> str:
     """'7:15; 1:1' — each answer of the rollouts with its count, most votes first."""
-    counts = Counter(r.get("answer") or charts.INVALID for r in rollouts)
     return "; ".join(f"{a}:{n}" for a, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def safe_stem(session: dict[str, Any]) -> str:
+    """A file-name form of a session's name."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", session["name"]).strip("-")[:40] or "session"
+
+
+def latest_votes(store: Store, session_id: str) -> dict[str, Counter]:
+    """{image_id: Counter of answers} of each image's latest step with rollouts, in one
+    query (not one per image: 10,000 of those took seconds)."""
+    sql = (
+        "SELECT r.image_id, r.answer, count(*) FROM rollouts r JOIN (SELECT image_id, "
+        "max(step) AS step FROM image_steps WHERE session_id = ? GROUP BY image_id) m "
+        "ON r.image_id = m.image_id AND r.step = m.step WHERE r.session_id = ? "
+        "GROUP BY r.image_id, r.answer"
+    )
+    votes: dict[str, Counter] = {}
+    with store.snapshot("reading the latest votes") as db:
+        for image_id, answer, n in db.execute(sql, [session_id, session_id]):
+            votes.setdefault(image_id, Counter())[answer or charts.INVALID] += n
+    return votes
 
 
 def answer_rows(store: Store, session_id: str) -> list[dict[str, Any]]:
     """One dict per image, in the session's order, keyed by `COLUMNS`."""
     rows = []
+    stats_of = store.rollout_stats(session_id)
+    votes_of = latest_votes(store, session_id)
     for a in store.answers(session_id):
-        rollouts = store.rollouts(session_id, a["image_id"])
-        stats = charts.image_stats(rollouts)
+        stats = stats_of.get(a["image_id"]) or {"n": 0, "consensus": None, "step": None}
+        votes = votes_of.get(a["image_id"])
         rows.append(
             {
                 "image": a["name"],
@@ -47,10 +77,10 @@ def answer_rows(store: Store, session_id: str) -> list[dict[str, Any]]:
                 "flipped": a["flipped"],
                 "correct_before": a["correct_before"],
                 "correct_after": a["correct_after"],
-                "votes": votes_text(rollouts) if rollouts else None,
+                "votes": votes_text(votes) if votes else None,
                 "consensus": None if stats["consensus"] is None else round(stats["consensus"], 4),
                 "rollouts": stats["n"],
-                "step": rollouts[0]["step"] if rollouts else None,
+                "step": stats["step"],
                 "before_response": a["before_response"],
                 "after_response": a["after_response"],
             }
@@ -62,15 +92,40 @@ def write_answers_csv(store: Store, session_id: str, folder: Path | None = None)
     """Write the session's answers CSV into `folder` (default: a fresh temporary folder)
     and return its path, named after the session."""
     session = store.get_session(session_id)
-    safe = re.sub(r"[^A-Za-z0-9_]+", "-", session["name"]).strip("-")[:40] or "session"
     folder = Path(folder or tempfile.mkdtemp(prefix="ttrv-answers-"))
-    path = folder / f"{safe}-{session_id}-answers.csv"
+    path = folder / f"{safe_stem(session)}-{session_id}-answers.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in answer_rows(store, session_id):
             writer.writerow({k: _cell(v) for k, v in row.items()})
     return path
+
+
+def adapter_zip(store: Store, session_id: str, folder: Path | None = None) -> tuple[Path, int]:
+    """Zip the session's latest adapter (the peft files, as folder `<name>-adapter/`) into
+    `folder` (default: a fresh temporary folder); (the zip, its step). ValueError when the
+    session has none, or its flip review reverted it to the unadapted model."""
+    session = store.get_session(session_id)
+    if review.applied(store, session_id) == "revert":
+        raise ValueError(
+            f"The flip review of {session['name']!r} reverted it to the unadapted model, so "
+            "it has no adapter to download. Merged model exports the unadapted model."
+        )
+    ckpt = store.latest_checkpoint(session_id)
+    if ckpt is None or ckpt["missing"]:
+        raise ValueError(f"{session['name']!r} has no adapter saved yet: adapt first.")
+    source = Path(ckpt["path"])
+    files = [source] if source.is_file() else [source / n for n in ADAPTER_FILES]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise ValueError(f"The adapter folder {source} holds no adapter files.")
+    stem = f"{safe_stem(session)}-{session_id}-adapter"
+    path = Path(folder or tempfile.mkdtemp(prefix="ttrv-adapter-")) / f"{stem}.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, f"{stem}/{f.name}")
+    return path, ckpt["step"]
 
 
 def image_args(draft: list[dict[str, Any]], demo_dir: Path) -> tuple[list[str], str | None]:

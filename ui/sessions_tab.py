@@ -1,20 +1,35 @@
 """Sessions tab: every session with its status and headline numbers; open one (it becomes
-the current session the other tabs show), compare two, delete, export and import.
+the current session the other tabs show), compare two, delete, export and import; and what
+a run is for: its answers (CSV), its adapter (zip) and the model with the adapter merged in
+(an "export_model" job, polled).
 """
 
 from __future__ import annotations
 
-import re
+import html
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from sessions import jobs
 from sessions.schema import StoreError
 
 from . import charts, exports, forms
-from .state import Context, describe, error, guarded, header_text, ok, pick_session, session_choices
+from .state import (
+    Context,
+    describe,
+    error,
+    guarded,
+    header_text,
+    info,
+    ok,
+    pick_session,
+    session_choices,
+)
+
+POLL_S = 1.0
 
 HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc. after",
            "flipped", "images", "model", "created", "id"]  # fmt: skip
@@ -65,6 +80,27 @@ def compare_summary(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def export_model_text(job: dict[str, Any]) -> tuple[str, bool]:
+    """(message, finished) for an export_model job row."""
+    if job["status"] in ("queued", "running"):
+        ahead = "" if job["status"] == "running" else " (after the job running now)"
+        return info(f"Merging the adapter into the model …{ahead}"), False
+    if job["status"] != "done":
+        return error(f"The model export failed: {job.get('error') or job['status']}"), True
+    result = job["result"]
+    path = html.escape(result["path"])
+    loads = "it loads with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor`"
+    if not result["adapted"]:
+        return ok(
+            f"Its flip review reverted this session, so this is the **unadapted** model, "
+            f"written to `{path}`; {loads}."
+        ), True
+    return ok(
+        f"The model with the adapter of step {result['step']} merged in, written to "
+        f"`{path}`; {loads} (no peft needed)."
+    ), True
+
+
 def build(ctx: Context) -> dict[str, Any]:
     table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, label="Sessions",
                          column_widths=WIDTHS, elem_id="sessions-table")  # fmt: skip
@@ -83,7 +119,16 @@ def build(ctx: Context) -> dict[str, Any]:
                                       elem_id="import-file")  # fmt: skip
         delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="sessions-delete")
         refresh_btn = gr.Button("↻", scale=0, min_width=40)
+    with gr.Row():
+        adapter_btn = gr.Button("Adapter (zip)", scale=0, elem_id="adapter-zip")
+        adapter_file = gr.DownloadButton("Download adapter", visible=False, scale=0,
+                                         variant="primary", elem_id="adapter-zip-file")  # fmt: skip
+        merged_btn = gr.Button("Merged model", scale=0, elem_id="merged-model")
+        gr.Markdown("The adapter as peft files, or the model with it merged in (a folder in "
+                    "the data directory that plain transformers loads).")  # fmt: skip
     status = gr.Markdown(elem_id="sessions-status")
+    export_job = gr.State(None)
+    export_timer = gr.Timer(POLL_S, active=False)
     gr.Markdown("### Compare two sessions")
     with gr.Row():
         a_pick = gr.Dropdown(label="A", choices=[], elem_id="compare-a", allow_custom_value=True)
@@ -134,7 +179,7 @@ def build(ctx: Context) -> dict[str, Any]:
         if not sid:
             return error("Pick a session first."), gr.skip()
         session = ctx.store.get_session(sid)
-        safe = re.sub(r"[^A-Za-z0-9_]+", "-", session["name"]).strip("-")[:40]
+        safe = exports.safe_stem(session)
         dest = Path(tempfile.mkdtemp(prefix="ttrv-export-")) / f"{safe}-{sid}.zip"
         path = ctx.store.export_session(sid, dest)
         size = path.stat().st_size / 2**20
@@ -148,11 +193,38 @@ def build(ctx: Context) -> dict[str, Any]:
         if not sid:
             return error("Pick a session first."), gr.skip()
         path = exports.write_answers_csv(ctx.store, sid)
-        n = len(ctx.store.answers(sid))
+        n = ctx.store.get_session(sid)["headline"]["images"]  # not every answer again
         return (
             ok(f"The answers of {n} images (before, after, votes, consensus): click Download."),
             gr.DownloadButton(f"⬇ {path.name}", value=str(path), visible=True),
         )
+
+    @guarded(outputs=2)
+    def adapter(sid: str | None) -> tuple:
+        if not sid:
+            return error("Pick a session first."), gr.skip()
+        path, step = exports.adapter_zip(ctx.store, sid)
+        return (
+            ok(f"The adapter of step {step} (peft files): click Download adapter."),
+            gr.DownloadButton(f"⬇ {path.name}", value=str(path), visible=True),
+        )
+
+    @guarded(outputs=3)
+    def merged(sid: str | None) -> tuple:
+        if not sid:
+            return error("Pick a session first."), gr.skip(), gr.skip()
+        ctx.store.get_session(sid)  # a deleted session is a message now, not a failed job
+        jid = jobs.submit(ctx.store, "export_model", {"session_id": sid})
+        return export_model_text(jobs.get(ctx.store, jid))[0], jid, gr.Timer(active=True)
+
+    def poll_export(jid: int | None) -> tuple:
+        if jid is None:
+            return gr.skip(), gr.Timer(active=False)
+        try:
+            text, finished = export_model_text(jobs.get(ctx.store, jid))
+        except Exception as exc:  # noqa: BLE001 - shown, polling stops
+            return error(str(exc)), gr.Timer(active=False)
+        return text, gr.Timer(active=not finished)
 
     @guarded(outputs=7)
     def import_(path: str | None) -> tuple:
@@ -213,8 +285,13 @@ def build(ctx: Context) -> dict[str, Any]:
     )
     export_btn.click(export, pick, [status, export_file], api_name="export_session")
     csv_btn.click(answers_csv, pick, [status, csv_file], api_name="answers_csv")
-    pick.change(lambda: (gr.DownloadButton(visible=False), gr.DownloadButton(visible=False)),
-                None, [export_file, csv_file], api_visibility="private")  # fmt: skip
+    adapter_btn.click(adapter, pick, [status, adapter_file], api_name="adapter_zip")
+    merged_btn.click(merged, pick, [status, export_job, export_timer], api_name="export_model")
+    export_timer.tick(poll_export, export_job, [status, export_timer], show_progress="hidden",
+                      api_name="export_model_poll")  # fmt: skip
+    downloads = [export_file, csv_file, adapter_file]
+    pick.change(lambda: tuple(gr.DownloadButton(visible=False) for _ in downloads),
+                None, downloads, api_visibility="private")  # fmt: skip
     imported = import_file.upload(import_, import_file, [status, *session_outs, *list_outs],
                                   api_name="import_session")  # fmt: skip
     settings_btn.click(use_settings, pick, [status, *ctx.forms.values()],
