@@ -37,9 +37,9 @@ def submit(
     """
     if kind not in KINDS:
         raise StoreError(f"Unknown job kind {kind!r}; expected one of {', '.join(KINDS)}.")
-    with store._write(f"queueing a {kind} job") as db:
+    with store.transaction(f"queueing a {kind} job") as db:
         if session_id is not None:
-            store._session_row(db, session_id)
+            store.session_row(db, session_id)
             busy = db.execute(
                 "SELECT kind FROM jobs WHERE session_id = ? AND status IN ('queued','running')",
                 [session_id],
@@ -70,7 +70,7 @@ def submit(
             [kind, session_id, to_json(request or {}), now()],
         )
         if kind == "adapt" and session_id is not None:
-            store._touch(db, session_id, status="queued", error=None, traceback=None)
+            store.update_session(db, session_id, status="queued", error=None, traceback=None)
         return int(cursor.lastrowid)
 
 
@@ -81,12 +81,12 @@ def claim_next(store: Store, kinds: tuple[str, ...] | None = None) -> dict[str, 
     if kinds is not None:
         sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
         params = list(kinds)
-    with store._write("claiming a job") as db:
+    with store.transaction("claiming a job") as db:
         row = db.execute(sql + " ORDER BY id LIMIT 1", params).fetchone()
         if row is None:
             return None
         db.execute("UPDATE jobs SET status = 'running', started = ? WHERE id = ?", [now(), row[0]])
-        return _parse(store._rows(db, "SELECT * FROM jobs WHERE id = ?", [row[0]])[0])
+        return _parse(list(db.query("SELECT * FROM jobs WHERE id = ?", [row[0]]))[0])
 
 
 def finish(
@@ -97,7 +97,7 @@ def finish(
     error: str | None = None,
     traceback: str | None = None,
 ) -> None:
-    with store._write("finishing a job") as db:
+    with store.transaction("finishing a job") as db:
         db.execute(
             "UPDATE jobs SET status = ?, result = ?, error = ?, traceback = ?, finished = ? "
             "WHERE id = ?",
@@ -107,8 +107,8 @@ def finish(
 
 
 def get(store: Store, job_id: int) -> dict[str, Any]:
-    with store._read("reading a job") as db:
-        rows = store._rows(db, "SELECT * FROM jobs WHERE id = ?", [job_id])
+    with store.snapshot("reading a job") as db:
+        rows = list(db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
     if not rows:
         raise NotFoundError(f"No job {job_id}.")
     return _parse(rows[0])
@@ -121,8 +121,8 @@ def latest(store: Store, kind: str, session_id: str | None = None) -> dict[str, 
     if session_id is not None:
         sql += " AND session_id = ?"
         params.append(session_id)
-    with store._read("reading jobs") as db:
-        rows = store._rows(db, sql + " ORDER BY id DESC LIMIT 1", params)
+    with store.snapshot("reading jobs") as db:
+        rows = list(db.query(sql + " ORDER BY id DESC LIMIT 1", params))
     return _parse(rows[0]) if rows else None
 
 
@@ -131,25 +131,23 @@ def of_session(store: Store, session_id: str, kind: str | None = None) -> list[d
     sql, params = "SELECT * FROM jobs WHERE session_id = ?", [session_id]
     if kind is not None:
         sql, params = sql + " AND kind = ?", [session_id, kind]
-    with store._read("reading jobs") as db:
-        rows = store._rows(db, sql + " ORDER BY id", params)
+    with store.snapshot("reading jobs") as db:
+        rows = list(db.query(sql + " ORDER BY id", params))
     return [_parse(r) for r in rows]
 
 
 def active(store: Store) -> list[dict[str, Any]]:
-    with store._read("reading jobs") as db:
-        rows = store._rows(
-            db, "SELECT * FROM jobs WHERE status IN ('queued','running') ORDER BY id"
-        )
+    with store.snapshot("reading jobs") as db:
+        rows = list(db.query("SELECT * FROM jobs WHERE status IN ('queued','running') ORDER BY id"))
     return [_parse(r) for r in rows]
 
 
 def request_stop(store: Store, session_id: str) -> str:
     """Ask a running adaptation to stop after its current step; returns a message."""
-    with store._write("requesting a stop") as db:
-        status = store._session_row(db, session_id)["status"]
+    with store.transaction("requesting a stop") as db:
+        status = store.session_row(db, session_id)["status"]
         if status == "running":
-            store._touch(db, session_id, status="stopping")
+            store.update_session(db, session_id, status="stopping")
             return "Stopping after the current step."
         if status == "stopping":
             return "Already stopping."
@@ -159,7 +157,9 @@ def request_stop(store: Store, session_id: str) -> str:
             [now(), session_id],
         ).rowcount
         if queued:
-            store._touch(db, session_id, status="stopped", reason="cancelled before it started")
+            store.update_session(
+                db, session_id, status="stopped", reason="cancelled before it started"
+            )
             return "Cancelled before it started."
         return f"Nothing to stop: the session is {status}."
 
@@ -167,7 +167,7 @@ def request_stop(store: Store, session_id: str) -> str:
 def recover(store: Store) -> list[int]:
     """On worker start: jobs left running by a dead process are failed (their sessions are
     marked interrupted by `Store.mark_interrupted_on_start`)."""
-    with store._write("recovering jobs") as db:
+    with store.transaction("recovering jobs") as db:
         ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
         db.execute(
             "UPDATE jobs SET status = 'failed', error = 'the process running it stopped', "

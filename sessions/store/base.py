@@ -162,13 +162,6 @@ class StoreBase:
             {"session_id": session_id, "kind": kind, "data": data_json, "created": now()}
         )
 
-    # The old private names, until `sessions.jobs` uses the public ones above.
-    _write = transaction
-    _read = snapshot
-    _rows = staticmethod(query_rows)
-    _session_row = session_row
-    _touch = update_session
-
     # -- data-directory paths --------------------------------------------------------------
 
     def adapter_dir(self, session_id: str, create: bool = True) -> Path:

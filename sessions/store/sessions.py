@@ -35,6 +35,7 @@ def _pid_alive(pid: int | None, host: str | None) -> bool | None:
 
 
 def _age_s(timestamp: str | None) -> float | None:
+    """Seconds since an ISO 8601 timestamp; None when there is none or it is unreadable."""
     if not timestamp:
         return None
     try:
@@ -45,7 +46,8 @@ def _age_s(timestamp: str | None) -> float | None:
 
 
 class Sessions(StoreBase):
-    """The `sessions` rows: one per session, with its config, status and heartbeat."""
+    """The `sessions` rows: one per session, with its config, status and heartbeat
+    (`get_session` and `list_sessions` add `reads.headline`)."""
 
     def create_session(self, name: str, config: Any, model: str, task_kind: str) -> str:
         """Create a "queued" session and return its new id.
