@@ -863,4 +863,36 @@ def test_finished_run_headline_and_why_it_ended_early(app):
     assert sum(map(int, votes.values())) == int(rows[0]["rollouts"]) == 4
     assert app.store.converged_images(sid)  # the model agrees on some digits at once
     assert "steps were planned" in html.unescape(progress)
+
+    # Inspect, filtered by an answer (before or after) and by a label (issue 12).
+    from ui.inspect_tab import norm
+
+    answer, label = stored[0]["after"], stored[0]["label"]
+    summary, *_, pick, _, answers, labels = c.predict("all", None, answer, label,
+                                                      api_name="/inspect_refresh")  # fmt: skip
+    want = [a["image_id"] for a in stored if norm(label) == norm(a["label"])
+            and norm(answer) in (norm(a["before"]), norm(a["after"]))]  # fmt: skip
+    assert [v for _, v in pick["choices"]] == want and want
+    assert f"{len(want)} image(s) shown with answer {answer!r} and label {label!r}" in (
+        html.unescape(summary)
+    )
+    assert ("any", "") in [tuple(x) for x in answers["choices"]]
+    assert answer in [v for _, v in answers["choices"]] and answers["value"] == answer
+    assert sorted(v for _, v in labels["choices"] if v) == sorted({a["label"] for a in stored})
+    _, *_, pick, _, _, _ = c.predict("all", None, "", label, api_name="/inspect_refresh")
+    assert len(pick["choices"]) == sum(norm(a["label"]) == norm(label) for a in stored)
     assert app.store.delete_session(sid) is None
+
+
+def test_inspect_value_filters():
+    """An answer matches before or after (trimmed, case folded); a label only a labelled
+    image; empty means any."""
+    from ui.inspect_tab import matches_values, value_choices
+
+    row = {"before": "Seven", "after": "7", "label": " 7"}
+    assert matches_values(row, "seven ", None) and matches_values(row, "7", "7")
+    assert not matches_values(row, "1", "") and not matches_values(row, "", "1")
+    assert not matches_values({"before": "7", "after": None, "label": None}, "", "7")
+    rows = [row, {"before": "7", "after": "7", "label": None}]
+    assert value_choices(rows, ("before", "after")) == [("any", ""), ("7 (2)", "7"),
+                                                         ("Seven (1)", "Seven")]  # fmt: skip

@@ -2,7 +2,8 @@
 
 Per image: its N rollouts grouped by answer (counts, rewards, advantages), a reward
 histogram, the greedy answer before and after and whether it flipped. Filters pick the
-images that changed, stayed uncertain, are wrong (when labels exist) or invalid. Across
+images that changed, stayed uncertain, are wrong (when labels exist) or invalid, and those
+with a given answer (before or after) or label. Across
 images: the answer distribution before vs after, with a warning when the model is
 collapsing onto one answer, and the guard's events.
 """
@@ -50,6 +51,29 @@ def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
     if not any(r["before"] is not None for r in rows):
         parts.append("\n\nNo answers yet: the baseline runs at the start of the adaptation.")
     return "".join(parts)
+
+
+def norm(value: Any) -> str:
+    return str(value).strip().casefold()
+
+
+def matches_values(row: dict[str, Any], answer: str | None, label: str | None) -> bool:
+    """Whether an image has `answer` before or after adapting and carries `label` (either
+    empty: any), compared as the store compares answers (trimmed, case folded)."""
+    if answer and norm(answer) not in {norm(row[k]) for k in ("before", "after")
+                                       if row.get(k) is not None}:  # fmt: skip
+        return False
+    return not label or (row.get("label") is not None and norm(row["label"]) == norm(label))
+
+
+def value_choices(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """("any" first) the distinct values of `keys` across rows, most frequent first."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for v in {str(r[k]) for k in keys if r.get(k) is not None}:
+            counts[v] = counts.get(v, 0) + 1
+    ordered = sorted(counts, key=lambda v: (-counts[v], v))
+    return [("any", ""), *((f"{v} ({counts[v]})", v) for v in ordered)]
 
 
 def guard_text(events: list[dict]) -> str:
@@ -118,6 +142,11 @@ def build(ctx: Context) -> dict[str, Any]:
     with gr.Row():
         which = gr.Radio([(v, k) for k, v in FILTERS.items()], value="all", label="Show",
                          elem_id="inspect-filter", scale=4)  # fmt: skip
+        answer_pick = gr.Dropdown([("any", "")], value="", label="Answer (before or after)",
+                                  allow_custom_value=True, elem_id="inspect-answer",
+                                  scale=1)  # fmt: skip
+        label_pick = gr.Dropdown([("any", "")], value="", label="Label", allow_custom_value=True,
+                                 elem_id="inspect-label", scale=1)  # fmt: skip
         refresh_btn = gr.Button("↻ Refresh", scale=0, elem_id="inspect-refresh")
     summary = gr.Markdown(elem_id="inspect-summary")
     collapse = gr.Markdown(elem_id="inspect-collapse")
@@ -157,18 +186,26 @@ def build(ctx: Context) -> dict[str, Any]:
     panel = review_panel.build(ctx)
     shown_ids = gr.State([])
 
-    @guarded(outputs=8)
-    def refresh(sid: str | None, filt: str, current: str | None) -> tuple:
+    @guarded(outputs=10)
+    def refresh(sid: str | None, filt: str, current: str | None, answer: str | None = "",
+                label: str | None = "") -> tuple:  # fmt: skip
         if not sid:
             return (info("No session yet: start an adaptation or open one in Sessions."),
-                    "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None)  # fmt: skip
+                    "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None,
+                    gr.skip(), gr.skip())  # fmt: skip
         session = ctx.store.get_session(sid)
         rows = ctx.store.answers(sid)
         images = {i["image_id"]: i for i in ctx.store.images(sid)}
         found = ctx.store.rollout_stats(sid)  # one query, not one per image
         stats = {r["image_id"]: found.get(r["image_id"], charts.image_stats([])) for r in rows}
-        shown = [r for r in rows if charts.matches_filter(r, stats[r["image_id"]], filt)]
+        shown = [r for r in rows if charts.matches_filter(r, stats[r["image_id"]], filt)
+                 and matches_values(r, answer, label)]  # fmt: skip
         note = ""
+        if answer or label:
+            named = " and ".join(
+                [f"answer {answer!r}"] * bool(answer) + [f"label {label!r}"] * bool(label)
+            )
+            note += f"\n\n{len(shown)} image(s) shown with {html.escape(named)}."
         if filt == "wrong" and not any(r["label"] is not None for r in rows):
             note = "\n\n" + info("No labels in this session, so nothing can be called wrong.")
         in_gallery = [r for r in shown if images.get(r["image_id"], {}).get("thumb")]
@@ -191,6 +228,8 @@ def build(ctx: Context) -> dict[str, Any]:
             [r["image_id"] for r in in_gallery],
             guard_text(ctx.store.events(sid)),
             value,
+            gr.Dropdown(choices=value_choices(rows, ("before", "after")), value=answer or ""),
+            gr.Dropdown(choices=value_choices(rows, ("label",)), value=label or ""),
         )
 
     @guarded(outputs=5, status=1)
@@ -221,7 +260,8 @@ def build(ctx: Context) -> dict[str, Any]:
     def pick(ids: list[str], evt: gr.SelectData) -> Any:
         return ids[evt.index] if 0 <= evt.index < len(ids) else gr.skip()
 
-    def live(sid: str | None, filt: str, current: str | None, last: Any) -> tuple:
+    def live(sid: str | None, filt: str, current: str | None, answer: str | None,
+             label: str | None, last: Any) -> tuple:  # fmt: skip
         """The timer's refresh: the overview and the shown image, redrawn only when the
         session moved on since the last tick (a finished session is drawn once)."""
         skip = (gr.skip(),) * (len(outs) + len(detail_outs) + 1)
@@ -234,23 +274,26 @@ def build(ctx: Context) -> dict[str, Any]:
         fingerprint = [sid, session["status"], session["updated"], session["headline"]["steps"]]
         if fingerprint == last:
             return skip
-        overview_parts = refresh(sid, filt, current)
-        shown = overview_parts[-1] if isinstance(overview_parts[-1], str) else None
+        overview_parts = refresh(sid, filt, current, answer, label)
+        shown = overview_parts[7] if isinstance(overview_parts[7], str) else None
         return (*overview_parts, *show_image(sid, shown), fingerprint)
 
     hidden = gr.State(None)  # the image to show after a refresh
     seen = gr.State(None)  # the session state the live view last drew
     timer = gr.Timer(TICK_S, active=False)  # switched on while this tab is shown
     ctx.parts["inspect_timer"] = timer
-    outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden]
+    outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden,
+            answer_pick, label_pick]  # fmt: skip
     detail_outs = [picture, detail, groups, rewards, sign]
-    refresh_inputs = [ctx.session, which, image_pick]
+    refresh_inputs = [ctx.session, which, image_pick, answer_pick, label_pick]
     refresh_btn.click(refresh, refresh_inputs, outs, api_name="inspect_refresh").then(
         show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
     )
-    which.change(refresh, refresh_inputs, outs, api_visibility="private").then(
-        show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
-    )
+    # The value dropdowns are also set by `refresh` itself: they follow user input only.
+    for event in (which.change, answer_pick.input, label_pick.input):
+        event(refresh, refresh_inputs, outs, api_visibility="private").then(
+            show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
+        )
     refresh_btn.click(*panel["refresh"], api_visibility="private")  # the flip review too
     image_pick.input(show_image, [ctx.session, image_pick], detail_outs, api_name="inspect_image")
     gallery.select(pick, [shown_ids], image_pick, api_visibility="private").then(
