@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--guards", action="store_true", help="also replay GUARD_GRID and choose a guard on val"
     )
+    ap.add_argument(
+        "--review-unguarded",
+        action="store_true",
+        help="also play the flip review on every test run's unguarded end",
+    )
     args = ap.parse_args(argv)
     val_runs = precompute(args.val)
     test_runs = {p.stem: precompute(p) for p in args.apply}
@@ -169,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sum(x < -0.01 for x in e)}/{len(e)} runs < -1, "
                     f"{sum(x < -0.02 for x in e)}/{len(e)} < -2, worst {100 * min(e):+.1f}"
                 )
+    if args.review_unguarded:
+        for p in args.apply:
+            print(f"\nFlip review on the unguarded ends of {p.name} (all variants):\n")
+            print(review_without_guard(p))
     return 0
 
 
@@ -285,6 +294,45 @@ def guard_table(runs: list[dict[str, Any]], top: int = 12) -> tuple[str, dict[st
             + " |"
         )
     return "\n".join(lines), ok[0][0]
+
+
+def review_without_guard(path: Path) -> str:
+    """The flip review played on every run's unguarded end (the guard switched off): how
+    far a handful of labelled flips alone keep a run from harm and keep its gains."""
+    from bench.benchmark import REVIEW_SIZES, play_reviews
+    from ttrv.config import TaskConfig
+
+    payload = json.loads(path.read_text())
+    cache: dict = {}
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in payload["runs"]:
+        if "greedy" not in r or "rounds" not in r:
+            continue
+        cfg = payload["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]
+        end = r["greedy"].get(str(len(r["rounds"])))
+        if end is None:
+            continue
+        items = _items(cache, r["split"], r["seed"])
+        rev = play_reviews(r["greedy"]["0"], end, items, TaskConfig(**cfg["task"]), r["seed"])
+        rows.setdefault((r["model"], r["setting"]), []).append(rev)
+    lines = [
+        "| model | setting | runs | unguarded Δ | > 1 down | "
+        + " | ".join(f"review {n}: Δ | > 1 down | gains kept" for n in REVIEW_SIZES)
+        + " |",
+        "|" + "---|" * (5 + 3 * len(REVIEW_SIZES)),
+    ]
+    for (model, setting), revs in sorted(rows.items()):
+        d = [100 * x["delta"] for x in revs]
+        cells = [model, setting, str(len(revs)), f"{statistics.fmean(d):+.1f}",
+                 str(sum(v < -1 for v in d))]  # fmt: skip
+        for n in REVIEW_SIZES:
+            after = [100 * x[str(n)]["delta"] for x in revs]
+            gains = [x for x in revs if 100 * x["delta"] >= 1]
+            kept = sum(x[str(n)]["recommendation"] != "revert" for x in gains)
+            cells += [f"{statistics.fmean(after):+.1f}", str(sum(v < -1 for v in after)),
+                      f"{kept}/{len(gains)}" if gains else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
