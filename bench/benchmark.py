@@ -18,7 +18,7 @@ mean +- std over seeds.
 
 The guard is *replayed*: every run trains with the guard off and records, at each round's
 end, the greedy answers on the adaptation images and the adapter weights. The engine's own
-guard functions (`ttrv.adapt.greedy_signals`, `ttrv.guard.check`, `ttrv.guard.score`) then
+guard functions (`ttrv.adapt.greedy_signals`, `ttrv.guard.decide`) then
 decide, exactly as `adapt` does, where a guarded run would have stopped and which weights
 it would have rolled back to (training up to a trip is identical with and without guard:
 rollouts are seeded per step). So every run reports both outcomes, and any number of guard
@@ -1460,9 +1460,9 @@ def setting_overrides(setting: str) -> dict[str, Any]:
 def replay_engine_guard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stored runs with their engine-guard outcome re-decided by the current guard code,
     from the per-round greedy answers they recorded (no model is run). The guard settings
-    are those of the run's config; fields the run predates (e.g. `max_changed_answers`)
-    take the value its job would get now (GuardConfig defaults, then the variant's and the
-    setting's overrides). Runs without stored rounds are kept as they are."""
+    are those its job would get now (GuardConfig defaults, then the variant's and the
+    setting's overrides), so a table can be rebuilt after the defaults change. Runs without
+    stored rounds are kept as they are."""
     out = []
     for r in records:
         if "baseline" in r or "trajectory" not in r or "rounds" not in r:
@@ -1477,8 +1477,9 @@ def replay_engine_guard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             setting=r["setting"],
             overrides=setting_overrides(r["setting"]),
         )
-        current = _asdict(job_config(job, r["config"]["model"]["model"]).guard)
-        guard = {**current, **r["config"]["guard"]}
+        # The guard the run's job gets from the current code (defaults, then the variant's
+        # and the setting's overrides), not the one stored with the run.
+        guard = _asdict(job_config(job, r["config"]["model"]["model"]).guard)
         decided = replay_record(r, guard)
         decided.pop("metrics")  # `outcome` finds them (final weights or a stored round)
         r = {**r, "config": {**r["config"], "guard": guard}, "guarded": decided}

@@ -236,15 +236,20 @@ def precompute(path: Path) -> list[dict[str, Any]]:
 
 def guard_outcomes(runs: list[dict[str, Any]], guard: dict[str, Any]) -> list[float]:
     """The held-out greedy delta each run ends with under `guard` (GuardConfig fields)."""
+    return [end for end, _ in guard_replays(runs, guard)]
+
+
+def guard_replays(runs: list[dict[str, Any]], guard: dict[str, Any]) -> list[tuple[float, bool]]:
+    """(the held-out greedy delta a run ends with, whether the guard tripped) per run."""
     from ttrv.config import GuardConfig
     from ttrv.guard import replay
 
     cfg = GuardConfig(**guard)
-    ends = []
+    out = []
     for run in runs:
         rep = replay(run["base"], list(enumerate(run["rounds"], start=1)), cfg)
-        ends.append(run["deltas"][rep["step"]])
-    return ends
+        out.append((run["deltas"][rep["step"]], rep["status"] != "done"))
+    return out
 
 
 GUARD_GRID = [
@@ -266,30 +271,44 @@ GUARD_GRID = [
 def guard_table(runs: list[dict[str, Any]], top: int = 12) -> tuple[str, dict[str, Any]]:
     """Every guard of GUARD_GRID replayed on the runs; rule: fewest runs ending more than 1
     point down, among guards keeping at least 90% of the off-format model's mean unguarded
-    gain; ties go to the higher mean over runs. Returns (markdown, chosen guard)."""
+    gain; among those within 0.5 points of the best mean over models, the one that trips on
+    the fewest runs (a guard that trips on any single flip is fragile where the set of
+    watched images differs from the validation split's). Returns (markdown, chosen)."""
     models = sorted({r["model"] for r in runs})
     unguarded = {
         m: statistics.fmean(r["deltas"][-1] for r in runs if r["model"] == m) for m in models
     }
     rows = []
     for g in GUARD_GRID:
-        ends = guard_outcomes(runs, g)
+        replays = guard_replays(runs, g)
+        ends = [e for e, _ in replays]
         per = {m: statistics.fmean(e for e, r in zip(ends, runs, strict=True) if r["model"] == m)
                for m in models}  # fmt: skip
         keeps = all(per[m] >= 0.9 * unguarded[m] for m in models if unguarded[m] > 0.01)
-        rows.append((g, sum(e < -0.01 for e in ends), sum(e < -0.02 for e in ends), per, keeps))
+        trips = sum(t for _, t in replays)
+        rows.append((g, sum(e < -0.01 for e in ends), sum(e < -0.02 for e in ends), per, keeps,
+                     trips))  # fmt: skip
     ok = [row for row in rows if row[4]] or rows
-    ok.sort(key=lambda row: (row[1], -statistics.fmean(row[3].values())))
+    fewest = min(row[1] for row in ok)
+    best = max(statistics.fmean(row[3].values()) for row in ok if row[1] == fewest)
+    ok.sort(
+        key=lambda row: (
+            row[1],
+            statistics.fmean(row[3].values()) < best - 0.005,
+            row[5],
+            -statistics.fmean(row[3].values()),
+        )
+    )
     lines = [
         "| entropy drop | invalid rise | changed | unexplained | healthy margin | "
-        "runs < -1 | runs < -2 | " + " | ".join(f"{m}: mean Δ" for m in models) + " |",
-        "|" + "---|" * (7 + len(models)),
+        "runs < -1 | runs < -2 | trips | " + " | ".join(f"{m}: mean Δ" for m in models) + " |",
+        "|" + "---|" * (8 + len(models)),
     ]
-    for g, n1, n2, per, _ in ok[:top]:
+    for g, n1, n2, per, _, trips in ok[:top]:
         lines.append(
             f"| {g['max_marginal_entropy_drop']} | {g['max_invalid_rise']} | "
             f"{g['max_changed_answers']} | {g['max_unexplained_flips']} | {g['healthy_margin']} | "
-            f"{n1}/{len(runs)} | {n2}/{len(runs)} | "
+            f"{n1}/{len(runs)} | {n2}/{len(runs)} | {trips} | "
             + " | ".join(f"{100 * per[m]:+.1f}" for m in models)
             + " |"
         )

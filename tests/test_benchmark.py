@@ -145,7 +145,7 @@ def test_report_replays_the_current_engine_guard_on_stored_runs():
     task = TaskConfig(kind="multiple_choice", question=MC_QUESTION)
     cfg = AdaptConfig(task=task).to_dict()
     old_guard = {k: v for k, v in cfg["guard"].items() if k != "max_changed_answers"}
-    old_guard["max_marginal_entropy_drop"] = 0.5  # the run's own setting, kept
+    old_guard["max_marginal_entropy_drop"] = 0.5  # the run's own setting: replaced
     swapped = ["4", "3", "2", "1"]  # every answer moves, the answer marginal does not
     record = {
         "model": "base", "variant": "default", "seed": 0, "images": 4, "split": "val",
@@ -160,7 +160,7 @@ def test_report_replays_the_current_engine_guard_on_stored_runs():
     assert new["guarded"]["status"] == "guard_stopped" and new["guarded"]["round"] == 0
     assert "100% of the images" in new["guarded"]["reason"]
     assert new["config"]["guard"]["max_changed_answers"] == pytest.approx(0.05)
-    assert new["config"]["guard"]["max_marginal_entropy_drop"] == 0.5
+    assert new["config"]["guard"]["max_marginal_entropy_drop"] == pytest.approx(0.05)
     assert record["guarded"]["status"] == "done"  # the input is not modified
 
 

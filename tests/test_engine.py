@@ -190,6 +190,7 @@ def test_guard_rolls_back_a_collapse(tiny_model_dir, tmp_path, monkeypatch):
     cfg.guard.max_marginal_entropy_drop = 0.35  # round 1's 25% drop is tolerated here
     cfg.guard.max_changed_answers = 1.0  # and so is round 1's one changed answer in four
     cfg.guard.max_unexplained_flips = 1.0  # whatever the samples favoured
+    cfg.guard.healthy_margin = 0.5  # round 1's 25% drop is then not *clearly* healthy
     loaded = loaded_model(folder, cfg)
     items = make_items(4)
     answers = iter(

@@ -8,7 +8,7 @@ import pytest
 from ttrv.answers import INVALID
 from ttrv.cli import build_parser, config_from_args
 from ttrv.config import ConfigError, GuardConfig
-from ttrv.guard import changed_share, check, marginal_entropy, score, signals
+from ttrv.guard import changed_share, check, marginal_entropy, signals
 
 
 def test_marginal_entropy_hand_computed():
@@ -37,7 +37,6 @@ def test_healthy_change_does_not_trip():
     base = signals(["1", "2", "3", "3"])
     now = signals(["1", "2", "3", "4"])  # more diverse, nothing invalid
     assert not check(base, now, GuardConfig()).tripped
-    assert score(base, now) == pytest.approx(1.0)
 
 
 def test_kl_bound():
@@ -60,11 +59,11 @@ def test_letter_position_bias_trips_even_when_contents_stay_diverse():
 
 def test_changed_share_counts_only_valid_to_other_valid():
     """Guards the definition: invalid -> valid (an off-format model learning the format) and
-    valid -> invalid (the invalid-rate check's job) do not count; the denominator is the
-    images with a valid answer before."""
+    valid -> invalid (the invalid-rate check's job) do not count; the denominator is every
+    image (a mostly-invalid model must not trip on two changes among a few valid answers)."""
     before = ["1", "2", "3", "4", INVALID, INVALID]
     now = ["1", "5", INVALID, "4", "7", INVALID]
-    assert changed_share(before, now) == pytest.approx(1 / 4)  # only "2" -> "5"
+    assert changed_share(before, now) == pytest.approx(1 / 6)  # only "2" -> "5"
     assert changed_share([INVALID] * 3, ["1", "2", "3"]) == 0.0  # nothing valid before
     assert changed_share(["1", "2"], ["2", "1"]) == 1.0
     with pytest.raises(ValueError, match="answers"):
@@ -93,7 +92,7 @@ def test_too_many_changed_answers_trips_and_says_how_many():
     verdict = check(base, now, GuardConfig(max_changed_answers=0.15))
     assert verdict.tripped
     assert "20%" in verdict.reason and "15%" in verdict.reason
-    assert "different answer" in verdict.reason
+    assert "another answer than their valid one" in verdict.reason
     assert not check(base, now, GuardConfig(max_changed_answers=0.2)).tripped  # not > 20%
     assert not check(base, now, GuardConfig(max_changed_answers=1.0)).tripped
 
@@ -124,7 +123,7 @@ def test_greedy_signals_pass_the_answers_before_adaptation():
     now = [{"image_id": str(i), "answer": a} for i, a in enumerate(["1", "3", "5", "4"])]
     items = [None] * 4  # open questions: items are not looked at
     sig = greedy_signals(TaskConfig(kind="open"), items, now, before)
-    assert sig.changed_answers == pytest.approx(1 / 3)
+    assert sig.changed_answers == pytest.approx(1 / 4)
     assert greedy_signals(TaskConfig(kind="open"), items, now).changed_answers is None
 
 

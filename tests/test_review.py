@@ -7,7 +7,7 @@ import pytest
 from ttrv.answers import INVALID
 from ttrv.config import AdaptConfig, ConfigError, GuardConfig, OptimConfig
 from ttrv.forecast import favoured, forecast, vote
-from ttrv.guard import decide, replay, signals, unexplained_share
+from ttrv.guard import check, decide, replay, signals, unexplained_share
 from ttrv.review import flips, mark_from_label, review_order, verdict
 from ttrv.watch import split_images, split_sizes
 
@@ -56,8 +56,9 @@ def test_unexplained_flips_count_only_valid_moves_to_unfavoured_answers():
     before = ["1", "2", "3", "4", INVALID]
     favoured = [["1"], ["2", "5"], ["3"], None, ["6"]]
     now = ["1", "5", "7", "9", "8"]  # image 1 moved to a favoured answer, image 2 did not;
-    # image 3 was not sampled; image 4 learnt the format (invalid -> valid): not counted
-    assert unexplained_share(before, favoured, now) == pytest.approx(1 / 3)
+    # image 3 was not sampled; image 4 learnt the format (invalid -> valid): not counted,
+    # but it is one of the 4 sampled images
+    assert unexplained_share(before, favoured, now) == pytest.approx(1 / 4)
     assert unexplained_share(before, [None] * 5, now) is None
     now_invalid = ["1", "2", INVALID, "4", INVALID]  # invalid output: the invalid rate's
     assert unexplained_share(before, favoured, now_invalid) == 0.0
@@ -89,7 +90,7 @@ def test_decide_names_the_set_and_separates_healthy_from_near():
 
 
 def test_replay_rolls_back_to_the_last_clearly_healthy_check_or_the_start():
-    g = GuardConfig(max_changed_answers=0.2)
+    g = GuardConfig(max_changed_answers=0.2, healthy_margin=0.5)
     before = [str(i % 10) for i in range(20)]
     base = {"adapted": signals(before)}
     healthy = {"adapted": signals(before, before=before)}
@@ -202,3 +203,21 @@ def test_guard_outcomes_replay_the_engine_decision():
     assert guard_outcomes([run], {}) == [0.01]
     off = {"max_marginal_entropy_drop": 1.0, "max_changed_answers": 1.0, "max_invalid_rise": 1.0}
     assert guard_outcomes([run], off) == [0.01]  # the single-answer collapse always trips
+
+
+def test_letter_collapse_trips_without_a_reference_before():
+    """An off-format model had almost no valid answers before (no letter spread to compare
+    with); 70% of the images now choosing letter A is a collapse all the same."""
+    before = [INVALID] * 18 + ["1", "2"]
+    base = signals(before, positions=[0, 1], letters=4)
+    now_answers = ["1"] * 14 + ["2", "3", "4", "2", "1", "2"]  # the two valid ones kept
+    positions = [0] * 14 + [1, 2, 3, 1, 0, 1]
+    now = signals(now_answers, positions=positions, before=before, letters=4)
+    verdict = check(base, now, GuardConfig())
+    assert verdict.tripped and "same option letter" in verdict.reason
+    spread = signals(now_answers, positions=[0, 1, 2, 3] * 5, before=before, letters=4)
+    assert not check(base, spread, GuardConfig()).tripped
+    # 45% on one letter: within the 60% bound, not clearly healthy (limit 25% + 35% / 2)
+    lean = signals(now_answers, positions=[0] * 9 + [1, 2, 3] * 3 + [1, 2], letters=4)
+    assert not check(base, lean, GuardConfig()).tripped
+    assert check(base, lean, GuardConfig(), scale=0.5).tripped

@@ -110,11 +110,12 @@ def greedy_signals(
     `before`: the same images' greedy answers before adaptation (for the changed share);
     `votes`: image id -> the answers its samples favoured before adaptation, for the
     sampled images (for the unexplained flips)."""
-    positions = None
+    positions, letters = None, None
     if task.kind == "multiple_choice":
-        positions = []
+        positions, letters = [], 0
         for item, a in zip(items, answers, strict=True):
             options = [canonical_label(o, task) for o in item_options(task, item)]
+            letters = max(letters, len(options))
             if a["answer"] in options:
                 positions.append(options.index(a["answer"]))
     previous = vote_list = None
@@ -124,7 +125,11 @@ def greedy_signals(
         if votes is not None:
             vote_list = [votes.get(a["image_id"]) for a in answers]
     return guard_mod.signals(
-        [a["answer"] for a in answers], positions=positions, before=previous, favoured=vote_list
+        [a["answer"] for a in answers],
+        positions=positions,
+        before=previous,
+        favoured=vote_list,
+        letters=letters,
     )
 
 

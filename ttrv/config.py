@@ -492,7 +492,7 @@ class GuardConfig(_Section):
         metadata=_help("Watch unsupervised signals and stop / roll back before harm."),
     )
     max_marginal_entropy_drop: float = field(
-        default=0.1,
+        default=0.05,
         metadata=_help(
             "Stop when the entropy of greedy answers across images falls by this share "
             "of its value before adaptation.",
@@ -520,11 +520,22 @@ class GuardConfig(_Section):
     )
 
     max_unexplained_flips: float = field(
-        default=0.02,
+        default=0.1,
         metadata=_help(
             "Stop when more than this share of the sampled images (forecast_images) with a "
             "valid answer before adaptation now give another answer that their samples "
             "before adaptation did not favour (1 = never).",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+    max_letter_share: float = field(
+        default=0.6,
+        metadata=_help(
+            "Multiple choice: stop when more than this share of the images choose the same "
+            "option letter (and more than before adaptation); the benchmark's definition of "
+            "a letter collapse. Needs no reference, so it also guards a model whose answers "
+            "were mostly invalid before (1 = never).",
             minimum=0,
             maximum=1,
         ),
@@ -557,7 +568,7 @@ class GuardConfig(_Section):
         ),
     )
     healthy_margin: float = field(
-        default=0.5,
+        default=0.75,
         metadata=_help(
             "A checkpoint becomes a rollback target only when every signal is within this "
             "share of its bound; otherwise a trip rolls back further, to the unadapted model.",

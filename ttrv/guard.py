@@ -59,40 +59,48 @@ class Signals:
     # Multiple choice: entropy of the chosen option *positions* (letters). Voting over
     # contents hides a letter-slot bias that wipes out one letter (the miniature study's "B").
     position_entropy: float | None = None
-    # Share of images whose valid answer before adaptation is now another valid answer
+    # Share of the images whose valid answer before adaptation is now another valid answer
     # (`changed_share`); None for the signals before adaptation.
     changed_answers: float | None = None
     # Share of the sampled images whose valid answer moved to one the unadapted model's
     # samples did not favour (`unexplained_share`).
     unexplained_flips: float | None = None
+    # Multiple choice: the share of all images that chose the most chosen option position,
+    # and how many options there are. Needs no reference before adaptation, so it also
+    # watches a model whose answers were mostly invalid before (the off-format model).
+    top_letter_share: float | None = None
+    letters: int | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 
 def changed_share(before: Sequence[str], now: Sequence[str]) -> float:
-    """Share of the images with a valid answer before whose answer is now another valid one.
+    """Share of the images (all of them) whose valid answer before is now another valid one.
 
     Invalid -> valid (an off-format model learning the format) and valid -> invalid (counted
-    by the invalid rate) do not count; 0.0 when no image had a valid answer before.
+    by the invalid rate) do not count. The denominator is every image, not only those valid
+    before: what a changed answer can cost is a share of all images, and a model whose
+    answers are mostly invalid before would otherwise trip on two or three changes among a
+    handful of valid ones (seen at K = 200 on the off-format model).
 
     >>> changed_share(["1", "2", INVALID, "4"], ["1", "3", "5", INVALID])
-    0.3333333333333333
+    0.25
     """
     if len(before) != len(now):
         raise ValueError(f"{len(before)} answers before adaptation but {len(now)} now.")
-    valid = [i for i, a in enumerate(before) if a != INVALID]
-    moved = sum(now[i] != before[i] and now[i] != INVALID for i in valid)
-    return moved / len(valid) if valid else 0.0
+    moved = sum(b != INVALID and n != b and n != INVALID for b, n in zip(before, now, strict=True))
+    return moved / len(before) if before else 0.0
 
 
 def unexplained_share(
     before: Sequence[str], favoured: Sequence[Collection[str] | None], now: Sequence[str]
 ) -> float | None:
-    """Share of the sampled images (`favoured` not None) with a valid answer before whose
-    answer now is another valid answer that the unadapted model's samples did not favour
-    (`favoured`: the answers that drew at least half the top answer's votes); None when no
-    such image. Invalid -> valid (learning the format) does not count.
+    """Share of the sampled images (`favoured` not None) whose valid answer before is now
+    another valid answer that the unadapted model's samples did not favour (`favoured`: the
+    answers that drew at least half the top answer's votes); None when no image was sampled.
+    Invalid -> valid (learning the format) does not count; as in `changed_share`, the
+    denominator is every sampled image.
 
     >>> unexplained_share(["1", "2", "3"], [["1"], ["2", "4"], None], ["1", "4", "5"])
     0.0
@@ -101,11 +109,15 @@ def unexplained_share(
     """
     if not len(before) == len(favoured) == len(now):
         raise ValueError("before, favoured and now must have one entry per image.")
-    sampled = [i for i, f in enumerate(favoured) if f is not None and before[i] != INVALID]
+    sampled = [i for i, f in enumerate(favoured) if f is not None]
     if not sampled:
         return None
     odd = sum(
-        now[i] != INVALID and now[i] != before[i] and now[i] not in favoured[i] for i in sampled
+        before[i] != INVALID
+        and now[i] != INVALID
+        and now[i] != before[i]
+        and now[i] not in favoured[i]
+        for i in sampled
     )
     return odd / len(sampled)
 
@@ -116,13 +128,15 @@ def signals(
     positions: Sequence[int] | None = None,
     before: Sequence[str] | None = None,
     favoured: Sequence[Collection[str] | None] | None = None,
+    letters: int | None = None,
 ) -> Signals:
     """Signals of one set of greedy answers (one per image); `positions` are the chosen
     option indices of a multiple-choice task (invalid answers left out); `before` are the
     same images' greedy answers before adaptation (for `changed_answers`); `favoured` the
     answers their samples favoured before adaptation, None where not sampled
-    (`unexplained_flips`)."""
+    (`unexplained_flips`); `letters` the number of options (for `top_letter_share`)."""
     n = max(1, len(answers))
+    top = max(Counter(positions).values()) / n if positions else None
     valid = {a for a in answers if a != INVALID}
     return Signals(
         marginal_entropy=marginal_entropy(answers),
@@ -136,6 +150,8 @@ def signals(
             if before is not None and favoured is not None
             else None
         ),
+        top_letter_share=top,
+        letters=letters if positions else None,
     )
 
 
@@ -169,6 +185,17 @@ def check(base: Signals, now: Signals, cfg: GuardConfig, scale: float = 1.0) -> 
                 f"the spread of chosen option letters fell by {drop:.0%}: a letter-position "
                 "bias is being reinforced"
             )
+    if now.top_letter_share is not None and now.letters:
+        # The bound scales on the excess over an even spread (1 / letters), so that "clearly
+        # healthy" still means something for 2 or 26 options.
+        even = 1 / now.letters
+        bound = even + (cfg.max_letter_share - even) * scale
+        before = base.top_letter_share or 0.0
+        if now.top_letter_share > bound and now.top_letter_share > before:
+            reasons.append(
+                f"{pct(now.top_letter_share)} of the images now choose the same option "
+                f"letter (> {pct(bound)}; {pct(before)} before adaptation)"
+            )
     if now.distinct <= 1 < base.distinct:
         reasons.append("the model collapsed onto a single answer for every image")
     rise = now.invalid_rate - base.invalid_rate
@@ -181,8 +208,8 @@ def check(base: Signals, now: Signals, cfg: GuardConfig, scale: float = 1.0) -> 
     changed_bound = cfg.max_changed_answers * scale
     if now.changed_answers is not None and now.changed_answers > changed_bound:
         reasons.append(
-            f"{pct(now.changed_answers)} of the images with a valid answer before adaptation "
-            f"now give a different answer (> {pct(changed_bound)})"
+            f"{pct(now.changed_answers)} of the images now give another answer than their "
+            f"valid one before adaptation (> {pct(changed_bound)})"
         )
     unexplained_bound = cfg.max_unexplained_flips * scale
     if now.unexplained_flips is not None and now.unexplained_flips > unexplained_bound:
@@ -255,12 +282,3 @@ def replay(
         "tripped_at": None,
         "rolled_back_to": None,
     }
-
-
-def score(base: Signals, now: Signals) -> float:
-    """Unsupervised quality of a checkpoint for rollback: higher is safer.
-
-    Penalises lost answer diversity and added invalid output relative to the base.
-    """
-    keep = 1.0 if base.marginal_entropy == 0 else now.marginal_entropy / base.marginal_entropy
-    return min(keep, 1.0) - max(0.0, now.invalid_rate - base.invalid_rate)
