@@ -221,3 +221,15 @@ def test_letter_collapse_trips_without_a_reference_before():
     lean = signals(now_answers, positions=[0] * 9 + [1, 2, 3] * 3 + [1, 2], letters=4)
     assert not check(base, lean, GuardConfig()).tripped
     assert check(base, lean, GuardConfig(), scale=0.5).tripped
+
+
+def test_letter_spread_needs_a_reference_with_mostly_valid_answers():
+    """A letter spread measured on a few valid answers before adaptation is no reference:
+    its drop does not trip; the letter share still watches."""
+    before = [INVALID] * 16 + ["1", "2", "3", "4"]
+    base = signals(before, positions=[0, 1, 2, 3], letters=4)
+    now = signals(before[16:] * 5, positions=[0, 0, 1, 2] * 5, before=None, letters=4)
+    assert not check(base, now, GuardConfig(max_invalid_rise=1.0)).tripped
+    valid_before = signals(["1", "2", "3", "4"] * 5, positions=[0, 1, 2, 3] * 5, letters=4)
+    verdict = check(valid_before, now, GuardConfig())
+    assert verdict.tripped and "spread of chosen option letters" in verdict.reason

@@ -178,7 +178,10 @@ def check(base: Signals, now: Signals, cfg: GuardConfig, scale: float = 1.0) -> 
                 f"answer diversity across images fell by {drop:.0%} "
                 f"(entropy {base.marginal_entropy:.2f} -> {now.marginal_entropy:.2f} nats)"
             )
-    if base.position_entropy and now.position_entropy is not None:
+    # The letter spread before adaptation is a reference only when most images had a valid
+    # answer: an off-format model's ~9% valid answers give a noisy one (it tripped runs that
+    # gained 45 points); such a model is watched by the letter share below instead.
+    if base.position_entropy and now.position_entropy is not None and base.invalid_rate <= 0.5:
         drop = 1 - now.position_entropy / base.position_entropy
         if drop > entropy_bound:
             reasons.append(
