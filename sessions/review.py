@@ -19,31 +19,38 @@ DECISIONS = ("keep", "revert")
 
 
 def queue(store: Store, session_id: str) -> dict[str, Any]:
-    """The review state: `flips` (rows of `Store.answers` whose answer after the run differs
-    from before, in the seeded review order, each with its `mark` or None), `images`
-    (answered before and after), the `verdict` (`ttrv.review.Verdict` as a dict) and
-    `applied` (the latest applied decision, or None)."""
-    found = store.flips(session_id)  # the flipped images' rows only
-    by_id = {r["image_id"]: r for r in found["rows"]}
+    """The review state, without any image's answers: `flips` ([{"image_id", "mark"}] for
+    the images whose answer after the run differs from before, in the seeded review order,
+    each `mark` or None; `flip` reads one's answers), `images` (answered before and after),
+    the `verdict` (`ttrv.review.Verdict` as a dict) and `applied` (the latest applied
+    decision, or None)."""
+    found = store.flip_ids(session_id)  # counts and ids from SQL, no rows
+    flipped = set(found["ids"])
     seed = int(
         ((store.get_session(session_id).get("config") or {}).get("optim") or {}).get("seed", 0)
     )
-    marks = {i: m for i, m in store.review_marks(session_id).items() if i in by_id}
-    flips = [{**by_id[i], "mark": marks.get(i)} for i in review_order(list(by_id), seed)]
-    v = verdict(marks, len(flips), found["answered"])
+    marks = {i: m for i, m in store.review_marks(session_id).items() if i in flipped}
+    order = review_order(found["ids"], seed)
+    v = verdict(marks, len(order), found["answered"])
     return {
-        "flips": flips,
+        "flips": [{"image_id": i, "mark": marks.get(i)} for i in order],
         "images": found["answered"],
         "verdict": v.to_dict(),
         "applied": applied(store, session_id),
     }
 
 
+def flip(store: Store, session_id: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """One entry of `queue`'s `flips` as its `Store.answers` row plus its `mark` (None when
+    the session no longer holds the image)."""
+    row = next(iter(store.answers(session_id, entry["image_id"])), None)
+    return None if row is None else {**row, "mark": entry["mark"]}
+
+
 def mark(store: Store, session_id: str, image_id: str, value: str) -> dict[str, Any]:
     """Mark one flip ("before", "after", "neither", or "skip" to clear) and return the
     updated `queue`."""
-    flipped = {r["image_id"] for r in queue(store, session_id)["flips"]}
-    if image_id not in flipped:
+    if image_id not in store.flip_ids(session_id)["ids"]:
         raise ValueError("That image's answer did not change: only flips are reviewed.")
     store.set_review_mark(session_id, image_id, value)
     return queue(store, session_id)
@@ -90,4 +97,13 @@ def verdict_text(state: dict[str, Any]) -> str:
     return text
 
 
-__all__ = ["DECISIONS", "MARK_LABELS", "applied", "apply", "mark", "queue", "session_adapter"]
+__all__ = [
+    "DECISIONS",
+    "MARK_LABELS",
+    "applied",
+    "apply",
+    "flip",
+    "mark",
+    "queue",
+    "session_adapter",
+]

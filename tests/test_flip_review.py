@@ -47,7 +47,7 @@ def test_queue_holds_only_flips_in_a_seeded_order(reviewed):
     assert sorted(ids) == ["i2", "i3", "i4", "i5"] and state["images"] == 6
     assert ids == [f["image_id"] for f in review.queue(store, sid)["flips"]]
     assert state["verdict"]["recommendation"] == "review" and state["applied"] is None
-    first = state["flips"][0]
+    first = review.flip(store, sid, state["flips"][0])
     assert first["before"] != first["after"] and first["mark"] is None
 
 

@@ -313,3 +313,72 @@ def test_migration_0004_applies_to_an_existing_database(
     finally:
         store.close()
     assert json.loads(json.dumps(before["headline"]))  # JSON-able, as the UI sends it
+
+
+def test_inspect_summary_counts_as_the_rows_do(store: Store, session: str) -> None:
+    """Inspect's counts, chart data and value pickers come from one aggregate: they must be
+    what counting every image's `answers` row and `image_stats` gave (ui/inspect_tab.py
+    before issue 11), for every filter."""
+    from ui import charts
+    from ui.inspect_tab import count_rows
+
+    rows = legacy_answers(store, session)
+    stats = legacy_stats(store, session)
+    empty = charts.image_stats([])
+    summary = store.inspect_summary(session)
+    assert summary["counts"] == {
+        k: sum(charts.matches_filter(r, stats.get(r["image_id"], empty), k) for r in rows)
+        for k in ("all", "changed", "uncertain", "wrong", "invalid")
+    }
+    assert summary["images"] == len(rows)
+    assert summary["answered_before"] == sum(r["before"] is not None for r in rows)
+    for which in ("before", "after"):
+        assert summary[which] == dict(charts.answer_counts(rows, which))
+    values = Counter(v for r in rows for v in {str(r[k]) for k in ("before", "after")
+                                               if r[k] is not None})  # fmt: skip
+    assert summary["values"] == dict(values)
+    assert summary["labels"] == dict(Counter(r["label"] for r in rows if r["label"]))
+    counted = count_rows(summary)
+    assert charts.collapse_warning(counted) == charts.collapse_warning(rows)
+
+
+def test_inspect_page_filters_as_the_rows_do(store: Store, session: str) -> None:
+    """The SQL filters (and answer / label values) pick the images `matches_filter` and
+    `matches_values` picked from every row, in image order, and a page is a slice."""
+    from ui import charts
+    from ui.inspect_tab import matches_values
+
+    rows = legacy_answers(store, session)
+    stats = legacy_stats(store, session)
+    empty = charts.image_stats([])
+    some = next(r for r in rows if r["after"] is not None and r["label"] is not None)
+    for which in ("all", "changed", "uncertain", "wrong", "invalid"):
+        for answer, label in (("", ""), (some["after"].upper(), ""), ("", some["label"]),
+                              (" SEVEN", None)):  # fmt: skip
+            want = [r for r in rows if charts.matches_filter(r, stats.get(r["image_id"], empty),
+                    which) and matches_values(r, answer, label)]  # fmt: skip
+            found = store.inspect_page(session, which, answer, label)
+            assert (found["total"], found["rows"]) == (len(want), want), (which, answer, label)
+    page = store.inspect_page(session, limit=3, offset=2)
+    assert page["total"] == len(rows) and page["rows"] == rows[2:5]
+    images = {i["image_id"]: i["thumb"] for i in store.images(session)}
+    assert page["thumbs"] == {r["image_id"]: images[r["image_id"]] for r in rows[2:5]}
+
+
+def test_compare_pages_differing_rows_first(store: Store, session: str) -> None:
+    """Compare's page holds what the whole comparison held, differing rows first (as the
+    Sessions tab sorted them), and counts the shared and differing images."""
+    other = build_session(store, "other", count=10, n=4, rounds=1, per_step=3, seed=4)
+    a_rows = {r["sha256"] or r["image_id"]: r for r in legacy_answers(store, session)}
+    b_rows = {r["sha256"] or r["image_id"]: r for r in legacy_answers(store, other)}
+    shared = [(k, r, b_rows[k]) for k, r in a_rows.items() if k in b_rows]
+
+    def same(a: dict, b: dict) -> bool:
+        return len({a["before"] or "", a["after"] or "", b["before"] or "", b["after"] or ""}) == 1
+
+    want = sorted(shared, key=lambda s: same(s[1], s[2]))
+    full = store.compare(session, other)
+    assert [(i["key"], i["a"], i["b"]) for i in full["images"]] == want
+    assert full["shared"] == len(want) == 10
+    assert full["differing"] == sum(not same(a, b) for _, a, b in want)
+    assert store.compare(session, other, limit=4, offset=3)["images"] == full["images"][3:7]

@@ -31,13 +31,12 @@ GROUP_HEADERS = ["answer", "count", "share", "frequency", "entropy term", "rewar
 TICK_S = 2.0  # live refresh while a run is active and this tab is shown
 
 
-def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
-    """Counts per filter and accuracy (when labels exist)."""
-    counts = {k: sum(charts.matches_filter(r, stats[r["image_id"]], k) for r in rows)
-              for k in FILTERS}  # fmt: skip
+def overview(summary: dict[str, Any], session: dict) -> str:
+    """Counts per filter and accuracy (when labels exist), from `Store.inspect_summary`."""
+    counts = summary["counts"]
     h = session["headline"]
     parts = [
-        f"**{len(rows)} images** · {counts['changed']} changed · "
+        f"**{summary['images']} images** · {counts['changed']} changed · "
         f"{counts['uncertain']} uncertain · {counts['invalid']} invalid"
     ]
     if h.get("labelled"):
@@ -48,9 +47,16 @@ def overview(rows: list[dict], stats: dict[str, dict], session: dict) -> str:
     if session["status"] in charts.ACTIVE:
         parts.append(f"\n\nRun {session['status']} · step {h.get('steps') or 0} · this view "
                      "follows the run")  # fmt: skip
-    if not any(r["before"] is not None for r in rows):
+    if not summary["answered_before"]:
         parts.append("\n\nNo answers yet: the baseline runs at the start of the adaptation.")
     return "".join(parts)
+
+
+def count_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One {"before": a} / {"after": a} row per image giving answer a: the rows
+    `charts.answers_figure` and `charts.collapse_warning` count, from the summary's counts."""
+    return [{which: a} for which in ("before", "after")
+            for a, k in summary[which].items() for _ in range(k)]  # fmt: skip
 
 
 def norm(value: Any) -> str:
@@ -59,7 +65,8 @@ def norm(value: Any) -> str:
 
 def matches_values(row: dict[str, Any], answer: str | None, label: str | None) -> bool:
     """Whether an image has `answer` before or after adapting and carries `label` (either
-    empty: any), compared as the store compares answers (trimmed, case folded)."""
+    empty: any), compared as the store compares answers (trimmed, case folded): one row's
+    version of the store's `VALUES_SQL`, which `inspect_page` filters with."""
     if answer and norm(answer) not in {norm(row[k]) for k in ("before", "after")
                                        if row.get(k) is not None}:  # fmt: skip
         return False
@@ -72,6 +79,11 @@ def value_choices(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tup
     for r in rows:
         for v in {str(r[k]) for k in keys if r.get(k) is not None}:
             counts[v] = counts.get(v, 0) + 1
+    return choices(counts)
+
+
+def choices(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """("any" first) {value: images} as dropdown choices, most frequent first."""
     ordered = sorted(counts, key=lambda v: (-counts[v], v))
     return [("any", ""), *((f"{v} ({counts[v]})", v) for v in ordered)]
 
@@ -194,42 +206,42 @@ def build(ctx: Context) -> dict[str, Any]:
                     "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None,
                     gr.skip(), gr.skip())  # fmt: skip
         session = ctx.store.get_session(sid)
-        rows = ctx.store.answers(sid)
-        images = {i["image_id"]: i for i in ctx.store.images(sid)}
-        found = ctx.store.rollout_stats(sid)  # one query, not one per image
-        stats = {r["image_id"]: found.get(r["image_id"], charts.image_stats([])) for r in rows}
-        shown = [r for r in rows if charts.matches_filter(r, stats[r["image_id"]], filt)
-                 and matches_values(r, answer, label)]  # fmt: skip
+        summary = ctx.store.inspect_summary(sid)  # SQL aggregates, no per-image rows
+        page = ctx.store.inspect_page(sid, filt, answer, label, limit=GALLERY_LIMIT)
+        shown = page["rows"]  # the first page of the images passing the filters
         note = ""
         if answer or label:
             named = " and ".join(
                 [f"answer {answer!r}"] * bool(answer) + [f"label {label!r}"] * bool(label)
             )
-            note += f"\n\n{len(shown)} image(s) shown with {html.escape(named)}."
-        if filt == "wrong" and not any(r["label"] is not None for r in rows):
+            note += f"\n\n{page['total']} image(s) shown with {html.escape(named)}."
+        if filt == "wrong" and not summary["labels"]:
             note = "\n\n" + info("No labels in this session, so nothing can be called wrong.")
-        in_gallery = [r for r in shown if images.get(r["image_id"], {}).get("thumb")]
-        in_gallery = in_gallery[:GALLERY_LIMIT]
+        in_gallery = [r for r in shown if page["thumbs"].get(r["image_id"])]
         gallery_items = [
-            (images[r["image_id"]]["thumb"],
+            (page["thumbs"][r["image_id"]],
              f"{r['name']}: {r['before'] or '—'} → {r['after'] or '—'}")
             for r in in_gallery
         ]  # fmt: skip
-        if len(shown) > len(in_gallery):
+        if page["total"] > len(shown):
+            note += (f"\n\nThe gallery and the list show the first {len(shown)} of "
+                     f"{page['total']}: narrow them with an answer or a label.")  # fmt: skip
+        elif len(shown) > len(in_gallery):
             note += f"\n\nThe gallery shows {len(in_gallery)}; pick any image in the list."
         ids = [r["image_id"] for r in shown]
         value = current if current in ids else (ids[0] if ids else None)
+        counted = count_rows(summary)
         return (
-            overview(rows, stats, session) + note,
-            charts.collapse_warning(rows) or "",
-            charts.answers_figure(rows),
+            overview(summary, session) + note,
+            charts.collapse_warning(counted) or "",
+            charts.answers_figure(counted),
             gallery_items,
             gr.Dropdown(choices=[(r["name"], r["image_id"]) for r in shown], value=value),
             [r["image_id"] for r in in_gallery],
             guard_text(ctx.store.events(sid)),
             value,
-            gr.Dropdown(choices=value_choices(rows, ("before", "after")), value=answer or ""),
-            gr.Dropdown(choices=value_choices(rows, ("label",)), value=label or ""),
+            gr.Dropdown(choices=choices(summary["values"]), value=answer or ""),
+            gr.Dropdown(choices=choices(summary["labels"]), value=label or ""),
         )
 
     @guarded(outputs=5, status=1)

@@ -91,8 +91,10 @@ def build(ctx: Context) -> dict[str, Any]:
         if not flips:
             return verdict_markdown(state), None, "", "", 0, ""
         at = _next_index(flips, at)
-        current = flips[at]
-        images = {i["image_id"]: i for i in ctx.store.images(sid)}
+        current = review.flip(ctx.store, sid, flips[at])  # the one flip shown
+        if current is None:
+            return verdict_markdown(state), None, "", "", at, ""
+        image = next(iter(ctx.store.images(sid, current["image_id"])), {})
         groups = charts.rollout_groups(ctx.store.rollouts(sid, current["image_id"]))
         votes_text = (
             "rollouts (latest step): "
@@ -103,7 +105,7 @@ def build(ctx: Context) -> dict[str, Any]:
         )
         return (
             verdict_markdown(state),
-            images.get(current["image_id"], {}).get("path"),
+            image.get("path"),
             flip_markdown(current, at, len(flips)),
             votes_text,
             at,

@@ -36,6 +36,7 @@ HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc
 # The id column fits a whole 12-character id at 1280 px (tests/test_browser.py checks it).
 WIDTHS = ["18%", "8%", "6%", "7%", "7%", "7%", "7%", "6%", "6%", "7%", "9%", "12%"]
 COMPARE_HEADERS = ["image", "label", "A before", "A after", "B before", "B after"]
+COMPARE_ROWS = 500  # images in Compare's table: the differing ones come first
 
 
 def table_rows(sessions: list[dict[str, Any]]) -> list[list[Any]]:
@@ -258,7 +259,7 @@ def build(ctx: Context) -> dict[str, Any]:
     def compare(a: str | None, b: str | None) -> tuple:
         if not a or not b:
             return error("Pick two sessions."), gr.skip(), gr.skip()
-        data = ctx.store.compare(a, b)
+        data = ctx.store.compare(a, b, limit=COMPARE_ROWS)  # differing answers first
         names = {a: f"A: {data['a']['name']}", b: f"B: {data['b']['name']}"}
         runs = {names[a]: ctx.store.metrics(a), names[b]: ctx.store.metrics(b)}
         rows = [
@@ -266,10 +267,15 @@ def build(ctx: Context) -> dict[str, Any]:
              i["b"]["before"] or "", i["b"]["after"] or ""]
             for i in data["images"]
         ]  # fmt: skip
-        rows.sort(key=lambda r: len({r[2], r[3], r[4], r[5]}) == 1)  # differing answers first
         summary = compare_summary(data)
         if not rows:
             summary += "\n\nThe two sessions share no images."
+        else:
+            summary += (f"\n\n{data['differing']} of {data['shared']} shared images differ "
+                        "in an answer; they come first in the table")  # fmt: skip
+            if data["shared"] > len(rows):
+                summary += f", which shows the first {len(rows)}"
+            summary += "."
         return summary, charts.curves_figure(runs, height=420), rows
 
     session_outs = [ctx.session, ctx.header]

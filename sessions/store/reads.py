@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,53 @@ def _last_round(phases: Iterable[str]) -> str | None:
     """The "round-k" phase with the largest k, or None."""
     rounds = [p for p in phases if p.startswith("round-")]
     return max(rounds, key=lambda p: int(p[6:])) if rounds else None
+
+
+def _with_norm(db: Database) -> Database:
+    """`db` with the SQL function ttrv_norm(text) (`_norm`: trimmed, whitespace collapsed,
+    case folded), so a query compares answers as the store does."""
+    db.conn.create_function("ttrv_norm", 1, _norm, deterministic=True)
+    return db
+
+
+# Each image's greedy answer before and after ("after", else the last "round-k", as
+# `answer_rows` picks it), its label, and its rollouts' summary at its latest step (n, top,
+# invalid: NULL without rollouts), one row per image of session :sid.
+STATS_JOIN = (
+    "LEFT JOIN (SELECT image_id, max(step), n, top, invalid FROM image_steps WHERE "
+    "session_id = :sid GROUP BY image_id) st ON st.image_id = si.image_id "
+)
+PER_IMAGE = (
+    "WITH per_image AS (SELECT si.image_id, si.position, si.label, si.sha256, "
+    "b.answer AS before, CASE WHEN af.image_id IS NOT NULL THEN af.answer ELSE "
+    "(SELECT r.answer FROM answers r WHERE r.session_id = :sid AND r.image_id = si.image_id "
+    "AND substr(r.phase, 1, 6) = 'round-' ORDER BY CAST(substr(r.phase, 7) AS INTEGER) DESC "
+    "LIMIT 1) END AS after, st.n, st.top, st.invalid FROM session_images si "
+    "LEFT JOIN answers b ON b.session_id = :sid AND b.phase = 'before' AND "
+    "b.image_id = si.image_id LEFT JOIN answers af ON af.session_id = :sid AND "
+    "af.phase = 'after' AND af.image_id = si.image_id " + STATS_JOIN +
+    "WHERE si.session_id = :sid) "
+)  # fmt: skip
+# The same without the rollouts' summary (n, top, invalid are NULL): Compare's answers.
+PER_IMAGE_ANSWERS = PER_IMAGE.replace(STATS_JOIN, "").replace(
+    "st.n, st.top, st.invalid", "NULL AS n, NULL AS top, NULL AS invalid"
+)
+# Inspect's filters over `PER_IMAGE` rows, as `ui.charts.matches_filter` decides them from an
+# `answers` row and its `image_stats` (consensus top/n < 0.5, invalid share >= 0.5).
+FILTER_SQL = {
+    "all": "1",
+    "changed": "(before IS NOT NULL AND after IS NOT NULL AND "
+    "ttrv_norm(before) != ttrv_norm(after))",
+    "uncertain": "(top * 2 < n)",
+    "wrong": "(label IS NOT NULL AND CASE WHEN after IS NOT NULL THEN ttrv_norm(after) != "
+    "ttrv_norm(label) ELSE before IS NOT NULL AND ttrv_norm(before) != ttrv_norm(label) END)",
+    "invalid": "(coalesce(after, before) = '<invalid>' OR invalid * 2 >= n)",
+}
+# An answer given before or after (any when empty) and a label (any when empty).
+VALUES_SQL = (
+    "(:answer = '' OR ttrv_norm(:answer) IN (ttrv_norm(before), ttrv_norm(after))) AND "
+    "(:label = '' OR (label IS NOT NULL AND ttrv_norm(label) = ttrv_norm(:label)))"
+)
 
 
 def headline(db: Database, session_id: str) -> dict[str, Any]:
@@ -213,25 +261,12 @@ class ReadModels(StoreBase):
         }
 
     def flips(self, session_id: str) -> dict[str, Any]:
-        """What the flip review reads, without the other images' rows: `answered` (images
-        with a "before" answer and an "after" answer row) and `rows` (the `answers` rows of
-        those whose answer flipped, in image order)."""
-        pairs = (
-            "FROM answers b JOIN answers af ON af.session_id = b.session_id AND "
-            "af.image_id = b.image_id AND af.phase = 'after' JOIN session_images si ON "
-            "si.session_id = b.session_id AND si.image_id = b.image_id "
-            "WHERE b.session_id = ? AND b.phase = 'before' AND b.answer IS NOT NULL"
-        )
+        """`flip_ids`' `answered` and `rows`: the `answers` rows of the flipped images,
+        in image order."""
+        found = self.flip_ids(session_id)
         with self.snapshot("reading flips") as db:
-            self.session_row(db, session_id)
-            answered = db.execute(f"SELECT count(*) {pairs}", [session_id]).fetchone()[0]
-            # differing text is a superset of a flip (answers are compared normalised)
-            ids = [r[0] for r in db.execute(
-                f"SELECT b.image_id {pairs} AND af.answer IS NOT NULL AND af.answer != b.answer",
-                [session_id],
-            )]  # fmt: skip
-            rows = answer_rows(db, session_id, image_ids=ids) if ids else []
-        return {"answered": answered, "rows": [r for r in rows if r["flipped"]]}
+            rows = answer_rows(db, session_id, image_ids=found["ids"]) if found["ids"] else []
+        return {"answered": found["answered"], "rows": rows}
 
     def answer_phases(self, session_id: str) -> dict[str, int]:
         """{phase: answers given in it (None answers not counted)} for each phase the
@@ -244,6 +279,105 @@ class ReadModels(StoreBase):
                 [session_id],
             ).fetchall()
         return dict(rows)
+
+    def inspect_summary(self, session_id: str) -> dict[str, Any]:
+        """What Inspect's overview, chart and value pickers show, from one aggregate over
+        (before, after, label) instead of every image's row: `images`, `answered_before`
+        (images with a "before" answer), `counts` ({filter: images passing it}, the
+        filters of `FILTER_SQL`), `before` / `after` ({answer: images giving it}, answers
+        as stored), `values` ({answer: images giving it before or after}) and `labels`
+        ({label: images})."""
+        counts = dict.fromkeys(FILTER_SQL, 0)
+        before: dict[str, int] = {}
+        after: dict[str, int] = {}
+        values: dict[str, int] = {}
+        labels: dict[str, int] = {}
+        answered_before = 0
+        with self.snapshot("reading the answers' summary") as db:
+            self.session_row(db, session_id)
+            groups = db.execute(
+                PER_IMAGE + "SELECT before, after, label, count(*), "
+                f"total({FILTER_SQL['uncertain']}), total({FILTER_SQL['invalid']}) "
+                "FROM per_image GROUP BY before, after, label",
+                {"sid": session_id},
+            ).fetchall()
+        for b, a, label, k, uncertain, invalid in groups:
+            counts["all"] += k
+            counts["changed"] += k * (_same(b, a) is False)
+            verdict = _same(a, label)
+            counts["wrong"] += k * ((_same(b, label) if verdict is None else verdict) is False)
+            counts["uncertain"] += int(uncertain)
+            counts["invalid"] += int(invalid)
+            answered_before += k * (b is not None)
+            for seen, answer in ((before, b), (after, a)):
+                if answer is not None:
+                    seen[answer] = seen.get(answer, 0) + k
+            for answer in {str(x) for x in (b, a) if x is not None}:
+                values[answer] = values.get(answer, 0) + k
+            if label is not None:
+                labels[label] = labels.get(label, 0) + k
+        return {"images": counts["all"], "answered_before": answered_before, "counts": counts,
+                "before": before, "after": after, "values": values, "labels": labels}  # fmt: skip
+
+    def inspect_page(
+        self,
+        session_id: str,
+        which: str = "all",
+        answer: str | None = "",
+        label: str | None = "",
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """The images Inspect shows for a filter (`FILTER_SQL`), an answer given before or
+        after and a label (each compared as the store compares answers; empty: any):
+        `total` (images passing) and, for a page of them in image order, `rows` (`answers`
+        rows) and `thumbs` ({image_id: thumbnail path or None})."""
+        if which not in FILTER_SQL:
+            raise StoreError(f"Unknown filter {which!r}: one of {', '.join(FILTER_SQL)}.")
+        params = {"sid": session_id, "answer": answer or "", "label": label or ""}
+        with self.snapshot("reading a page of images") as db:
+            self.session_row(db, session_id)
+            ids = [r[0] for r in _with_norm(db).execute(
+                PER_IMAGE + f"SELECT image_id FROM per_image WHERE {FILTER_SQL[which]} AND "
+                f"{VALUES_SQL} ORDER BY position",
+                params,
+            )]  # fmt: skip
+            page = ids[offset : None if limit is None else offset + limit]
+            rows = answer_rows(db, session_id, image_ids=page) if page else []
+            thumbs = dict(db.execute(
+                "SELECT si.image_id, i.thumb FROM session_images si LEFT JOIN images i ON "
+                "i.id = si.sha256 WHERE si.session_id = ? AND si.image_id IN "
+                "(SELECT value FROM json_each(?))",
+                [session_id, to_json(page)],
+            ).fetchall())  # fmt: skip
+        root = str(self.data_dir)
+        return {
+            "total": len(ids),
+            "rows": rows,
+            "thumbs": {i: os.path.join(root, t) if t else None for i, t in thumbs.items()},
+        }
+
+    def flip_ids(self, session_id: str) -> dict[str, Any]:
+        """The flip review's counts without any image's row: `answered` (images with a
+        "before" answer and an "after" answer row) and `ids` (those whose answer flipped,
+        compared as the store compares answers, in image order)."""
+        with self.snapshot("reading flips") as db:
+            self.session_row(db, session_id)
+            answered, ids = 0, []
+            for image_id, flipped in _with_norm(db).execute(
+                "SELECT b.image_id, af.answer IS NOT NULL AND ttrv_norm(af.answer) != "
+                "ttrv_norm(b.answer) FROM answers b JOIN answers af ON af.session_id = "
+                "b.session_id AND af.image_id = b.image_id AND af.phase = 'after' "
+                "JOIN session_images si ON si.session_id = b.session_id AND "
+                "si.image_id = b.image_id WHERE b.session_id = ? AND b.phase = 'before' "
+                "AND b.answer IS NOT NULL ORDER BY si.position",
+                [session_id],
+            ):
+                answered += 1
+                if flipped:
+                    ids.append(image_id)
+        return {"answered": answered, "ids": ids}
 
     def converged_images(self, session_id: str) -> dict[str, int]:
         """{image_id: first step at which all of its rollouts gave one valid answer}: the
@@ -305,30 +439,52 @@ class ReadModels(StoreBase):
             ).fetchall()
         return {image_id: mark for image_id, mark in rows}
 
-    def compare(self, a: str, b: str) -> dict[str, Any]:
+    def compare(
+        self, a: str, b: str, *, limit: int | None = None, offset: int = 0
+    ) -> dict[str, Any]:
         """Two sessions side by side: {"a": session, "b": session (both as get_session),
-        "config_diff": [{"key", "a", "b"}] (dotted keys), "images": [{"key", "name",
-        "label", "a": answers row, "b": answers row}] for images both sessions hold
-        (matched by content sha256, else by image_id)}."""
+        "config_diff": [{"key", "a", "b"}] (dotted keys), "shared" (images both sessions
+        hold, matched by content sha256, else by image_id), "differing" (those whose four
+        answers, A and B before and after, are not all the same text), "images": [{"key",
+        "name", "label", "a": answers row, "b": answers row}]}: the shared images, differing
+        first, each part in A's image order; `limit`/`offset` take one page of them and
+        read only that page's rows."""
         sessions = {"a": self.get_session(a), "b": self.get_session(b)}
-        per_image = {"a": self.answers(a), "b": self.answers(b)}
-        keyed = {
-            s: {r["sha256"] or r["image_id"]: r for r in rows} for s, rows in per_image.items()
-        }
-        shared = [
-            {
-                "key": key,
-                "name": row["name"],
-                "label": row["label"] if row["label"] is not None else keyed["b"][key]["label"],
-                "a": row,
-                "b": keyed["b"][key],
-            }
-            for key, row in keyed["a"].items()
-            if key in keyed["b"]
-        ]
+        with self.snapshot("comparing sessions") as db:
+            keyed = {}
+            for side, sid in (("a", a), ("b", b)):
+                keyed[side] = {
+                    sha or image_id: (image_id, before, after)
+                    for image_id, sha, before, after in db.execute(
+                        PER_IMAGE_ANSWERS + "SELECT image_id, sha256, before, after FROM per_image "
+                        "ORDER BY position",
+                        {"sid": sid},
+                    )
+                }
+            pairs = []
+            for key, (image_a, *answers_a) in keyed["a"].items():
+                if key in keyed["b"]:
+                    image_b, *answers_b = keyed["b"][key]
+                    same = len({x or "" for x in answers_a + answers_b}) == 1
+                    pairs.append((same, key, image_a, image_b))
+            pairs.sort(key=lambda p: p[0])  # stable: A's image order within each part
+            page = pairs[offset : None if limit is None else offset + limit]
+            rows = {
+                side: {r["image_id"]: r for r in answer_rows(
+                    db, sid, image_ids=[p[2 if side == "a" else 3] for p in page])}
+                for side, sid in (("a", a), ("b", b))
+            } if page else {}  # fmt: skip
+        shared = []
+        for _same_text, key, image_a, image_b in page:
+            row_a, row_b = rows["a"][image_a], rows["b"][image_b]
+            label = row_a["label"] if row_a["label"] is not None else row_b["label"]
+            shared.append({"key": key, "name": row_a["name"], "label": label,
+                           "a": row_a, "b": row_b})  # fmt: skip
         return {
             **sessions,
             "config_diff": _diff(sessions["a"]["config"], sessions["b"]["config"]),
+            "shared": len(pairs),
+            "differing": sum(not p[0] for p in pairs),
             "images": shared,
         }
 
