@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.speed import ROOT, Spec, resolve_models
+from bench.speed import ROOT, Spec, specs_from_args
 
 # Leaf aten events that launch no kernel on a GPU (views, allocation, metadata).
 NO_KERNEL = frozenset(
@@ -433,20 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(results, indent=1))
         return 0
     results = []
-    for label, folder, restrict in resolve_models(args.model):
-        spec = Spec(
-            model_dir=str(folder),
-            label=label,
-            restrict_answers=restrict,
-            n=args.n,
-            max_new_tokens=args.max_new_tokens,
-            images_per_step=args.images_per_step,
-            pool=2 * args.images_per_step,
-            steps=args.steps,
-            warmup=args.warmup,
-            beta=args.beta,
-            trl_optim=args.trl_optim,
-        )
+    for spec in specs_from_args(args, steps=args.steps, trl_optim=args.trl_optim):
+        label = spec.label
         rows = []
         for engine in args.engine:
             plain = run_worker(engine, spec, profile=False)

@@ -485,6 +485,26 @@ def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     return out
 
 
+def specs_from_args(args: argparse.Namespace, **extra: Any) -> list[Spec]:
+    """One Spec per model of `--model`, from the workload flags bench.speed and
+    bench.host_ops share (`extra`: the fields only one of them sets)."""
+    return [
+        Spec(
+            model_dir=str(folder),
+            label=label,
+            restrict_answers=restrict,
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            images_per_step=args.images_per_step,
+            pool=2 * args.images_per_step,
+            warmup=args.warmup,
+            beta=args.beta,
+            **extra,
+        )
+        for label, folder, restrict in resolve_models(args.model)
+    ]
+
+
 def print_table(label: str, spec: Spec, rows: list[dict[str, Any]]) -> None:
     print(
         f"\n== {label}: {rows[0]['params'] / 1e6:.2f} M params, {spec.images_per_step} images x "
@@ -556,23 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engine
     results = []
     failed = False
-    for label, folder, restrict in resolve_models(args.model):
-        spec = Spec(
-            model_dir=str(folder),
-            label=label,
-            restrict_answers=restrict,
-            n=args.n,
-            max_new_tokens=args.max_new_tokens,
-            images_per_step=args.images_per_step,
-            pool=2 * args.images_per_step,
-            steps=steps,
-            warmup=args.warmup,
-            beta=args.beta,
-            device=args.device,
-            dtype=args.dtype,
-            quantization=args.quantization,
-            threads=args.threads,
-        )
+    for spec in specs_from_args(
+        args, steps=steps, device=args.device, dtype=args.dtype,
+        quantization=args.quantization, threads=args.threads,
+    ):  # fmt: skip
+        label = spec.label
         runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
         errors: dict[str, str] = {}
         for _ in range(args.repeats):
