@@ -11,6 +11,7 @@ with the guard its job gets from the current code (`replay_engine_guard`, for `-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -118,17 +119,12 @@ def replay_guard(
     """The engine's guard on a guard-off run: signals of the greedy answers on the adapted
     images (`items`) and the watch pool (`watch`), as `adapt` computes them, before and at
     each round's end. `before` and each round's "answers" are the sink's dicts (any images,
-    matched by id) or, in older stored runs, plain strings in the order of `items`; `votes`
-    are the forecast's favoured answers (image id -> answers), for unexplained flips."""
+    matched by id; `replay_record` turns stored answer strings into them); `votes` are the
+    forecast's favoured answers (image id -> answers), for unexplained flips."""
     from ttrv.adapt import greedy_signals
 
-    def by_id(xs: list[Any]) -> dict[str, dict[str, str]]:
-        if xs and isinstance(xs[0], dict):
-            return {x["image_id"]: x for x in xs}
-        return {
-            it.image_id: {"image_id": it.image_id, "answer": x}
-            for it, x in zip(items, xs, strict=True)
-        }
+    def by_id(xs: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {x["image_id"]: x for x in xs}
 
     sets = {"adapted": items, "watch": watch or []}
     sets = {k: v for k, v in sets.items() if v}
@@ -152,6 +148,15 @@ def replay_guard(
     return replay_signals(base, now, guard)
 
 
+@functools.cache
+def split_items(split: str, seed: int) -> list[Any]:
+    """A whole split's multiple-choice items (options drawn by `seed`), built once per
+    process: every replay of a stored run needs them and none changes them."""
+    from ttrv.digits import digit_items
+
+    return digit_items(split, "multiple_choice", seed=seed)
+
+
 def replay_record(
     record: dict[str, Any], guard: dict[str, Any], monitor: bool = False
 ) -> dict[str, Any]:
@@ -160,7 +165,6 @@ def replay_record(
     images *not* adapted on (unlabeled, label-free signals) instead of the adapted ones, a
     possible engine change measured offline."""
     from ttrv.config import TaskConfig
-    from ttrv.digits import digit_items
     from ttrv.guard import Signals
 
     traj = record["trajectory"]
@@ -175,7 +179,7 @@ def replay_record(
         rep = replay_signals({"adapted": sig[0]}, [{"adapted": x} for x in sig[1:]], guard)
     else:
         task = TaskConfig(**record["config"]["task"])
-        items = digit_items(record["split"], "multiple_choice", seed=record["seed"])
+        items = split_items(record["split"], record["seed"])
         adapted = [items[p] for p in record["adapted_positions"]]
         watch = [items[p] for p in record.get("watch_positions", [])]
 
@@ -221,9 +225,8 @@ def replay_engine_guard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = {**r, "config": {**r["config"], "guard": guard}, "guarded": decided}
         if "greedy" in r and str(decided["round"]) in r["greedy"]:
             from ttrv.config import TaskConfig
-            from ttrv.digits import digit_items
 
-            items = digit_items(r["split"], "multiple_choice", seed=r["seed"])
+            items = split_items(r["split"], r["seed"])
             g = r["greedy"]
             task = TaskConfig(**r["config"]["task"])
             r["review"] = play_reviews(g["0"], g[str(decided["round"])], items, task, r["seed"])

@@ -26,16 +26,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.replay import split_items
+
 HARM = -0.01  # more than 1 point down on held-out greedy accuracy
 MAX_FALSE_ALARM = 0.25
-
-
-def _items(cache: dict, split: str, seed: int) -> list[Any]:
-    from ttrv.digits import digit_items
-
-    if (split, seed) not in cache:
-        cache[(split, seed)] = digit_items(split, "multiple_choice", seed=seed)
-    return cache[(split, seed)]
 
 
 def _drop(base: float | None, now: float | None) -> float | None:
@@ -191,14 +185,13 @@ def precompute(path: Path) -> list[dict[str, Any]]:
     from ttrv.config import TaskConfig
 
     payload = json.loads(path.read_text())
-    cache: dict = {}
     out = []
     for r in payload["runs"]:
         if "baseline" in r or "rounds" not in r or "trajectory" not in r:
             continue
         cfg = payload["configs"][f"{r['model']}|{r['variant']}|{r['setting']}"]
         task = TaskConfig(**cfg["task"])
-        items = _items(cache, r["split"], r["seed"])
+        items = split_items(r["split"], r["seed"])
         adapted = [items[p] for p in r["adapted_positions"]]
         watch = [items[p] for p in r.get("watch_positions", [])]
         sets = {k: v for k, v in {"adapted": adapted, "watch": watch}.items() if v}
@@ -318,11 +311,10 @@ def guard_table(runs: list[dict[str, Any]], top: int = 12) -> tuple[str, dict[st
 def review_without_guard(path: Path) -> str:
     """The flip review played on every run's unguarded end (the guard switched off): how
     far a handful of labelled flips alone keep a run from harm and keep its gains."""
-    from bench.benchmark import REVIEW_SIZES, play_reviews
+    from bench.replay import REVIEW_SIZES, play_reviews
     from ttrv.config import TaskConfig
 
     payload = json.loads(path.read_text())
-    cache: dict = {}
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in payload["runs"]:
         if "greedy" not in r or "rounds" not in r:
@@ -331,7 +323,7 @@ def review_without_guard(path: Path) -> str:
         end = r["greedy"].get(str(len(r["rounds"])))
         if end is None:
             continue
-        items = _items(cache, r["split"], r["seed"])
+        items = split_items(r["split"], r["seed"])
         rev = play_reviews(r["greedy"]["0"], end, items, TaskConfig(**cfg["task"]), r["seed"])
         rows.setdefault((r["model"], r["setting"]), []).append(rev)
     lines = [

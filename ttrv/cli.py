@@ -280,6 +280,7 @@ def _adapt_recorded(
         changed = sum(
             b["answer"] != a["answer"] for b, a in zip(result.before, result.after, strict=True)
         )
+        accuracy_before = accuracy(result.before, items, cfg.task)
         accuracy_run = accuracy(result.after, items, cfg.task)
         review = None
         if args.review:
@@ -293,7 +294,7 @@ def _adapt_recorded(
         "status": result.status,
         "reason": result.reason,
         "steps": result.steps,
-        "accuracy_before": accuracy(result.before, items, cfg.task),
+        "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_run,
         "changed": changed,
         "images": len(items),
@@ -301,7 +302,10 @@ def _adapt_recorded(
         "watch_pool": len(result.split.watch) if result.split else 0,
         "rollback_target": result.target_step if result.status == "guard_stopped" else None,
         "review": review,
-        "accuracy_final": accuracy(result.after, items, cfg.task),
+        # a reverted run answers as before adaptation
+        "accuracy_final": (
+            accuracy_before if review and review["applied"] == "revert" else accuracy_run
+        ),
         "processes": dist.size,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

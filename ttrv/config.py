@@ -512,8 +512,8 @@ class GuardConfig(_Section):
     max_changed_answers: float = field(
         default=0.05,
         metadata=_help(
-            "Stop when more than this share of the images with a valid greedy answer before "
-            "adaptation now give another valid answer (1 = never).",
+            "Stop when more than this share of the images (all of them) now give another "
+            "valid answer than their valid greedy answer before adaptation (1 = never).",
             minimum=0,
             maximum=1,
         ),

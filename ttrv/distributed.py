@@ -69,9 +69,6 @@ class Single:
     def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         return None
 
-    def barrier(self) -> None:
-        return None
-
     def close(self) -> None:
         return None
 
@@ -141,9 +138,6 @@ class Accelerated(Single):
             n = p.numel()
             p.grad = total[at : at + n].view_as(p).to(p.dtype) if has else None
             at += n
-
-    def barrier(self) -> None:
-        self.state.wait_for_everyone()
 
     def close(self) -> None:
         if torch.distributed.is_initialized():

@@ -251,7 +251,11 @@ class KeyedSampler:
     def __init__(self, keys: torch.Tensor, temperature: float, top_p: float) -> None:
         self.keys = keys  # [R, 2]
         self.temperature = temperature
-        self.top_p = top_p
+        self.top_p = None
+        if top_p < 1.0:  # built once, not at every generated token
+            from transformers import TopPLogitsWarper
+
+            self.top_p = TopPLogitsWarper(top_p)
         self.start: int | None = None  # input width at the first generated token
         self.vocab: torch.Tensor | None = None
 
@@ -261,10 +265,8 @@ class KeyedSampler:
             self.keys = self.keys.to(scores.device)
             self.vocab = hashed_vocab(scores.shape[-1], scores.device)
         scores = scores / self.temperature  # [R, V]
-        if self.top_p < 1.0:
-            from transformers import TopPLogitsWarper
-
-            scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
         noise = gumbel_noise(self.keys, input_ids.shape[1] - self.start, self.vocab)
         return scores + noise.to(scores.dtype)
 
