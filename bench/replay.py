@@ -121,30 +121,11 @@ def replay_guard(
     each round's end. `before` and each round's "answers" are the sink's dicts (any images,
     matched by id; `replay_record` turns stored answer strings into them); `votes` are the
     forecast's favoured answers (image id -> answers), for unexplained flips."""
-    from ttrv.adapt import greedy_signals
+    from ttrv.adapt import set_signals
 
-    def by_id(xs: list[dict[str, str]]) -> dict[str, dict[str, str]]:
-        return {x["image_id"]: x for x in xs}
-
-    sets = {"adapted": items, "watch": watch or []}
-    sets = {k: v for k, v in sets.items() if v}
-    first = by_id(before)
-    before_list = list(first.values())
-
-    def sigs(answers: dict[str, dict[str, str]], reference: bool) -> dict[str, Any]:
-        return {
-            k: greedy_signals(
-                task,
-                its,
-                [answers[it.image_id] for it in its],
-                before_list if reference else None,
-                votes if reference else None,
-            )
-            for k, its in sets.items()
-        }
-
-    base = sigs(first, reference=False)
-    now = [sigs(by_id(r["answers"]), reference=True) for r in rounds]
+    sets = {k: v for k, v in {"adapted": items, "watch": watch or []}.items() if v}
+    base = set_signals(task, sets, before)
+    now = [set_signals(task, sets, r["answers"], before, votes) for r in rounds]
     return replay_signals(base, now, guard)
 
 

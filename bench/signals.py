@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 def precompute(path: Path) -> list[dict[str, Any]]:
     """Per run: the signals of each watched set before and at each round, and the held-out
     greedy delta at each round (round 0 = unadapted), for replaying many guards cheaply."""
-    from ttrv.adapt import greedy_signals
+    from ttrv.adapt import set_signals
     from ttrv.config import TaskConfig
 
     payload = json.loads(path.read_text())
@@ -200,23 +200,17 @@ def precompute(path: Path) -> list[dict[str, Any]]:
             return [{"image_id": it.image_id, "answer": x} for it, x in zip(its, xs, strict=True)]
 
         before = answers(adapted, r["before"]) + answers(watch, r.get("before_watch", []))
-        by_before = {a["image_id"]: a for a in before}
-        base = {
-            k: greedy_signals(task, its, [by_before[it.image_id] for it in its])
-            for k, its in sets.items()
-        }
-        rounds = []
-        for rd in r["rounds"]:
-            now = answers(adapted, rd["answers"]) + answers(watch, rd.get("answers_watch", []))
-            by_now = {a["image_id"]: a for a in now}
-            rounds.append(
-                {
-                    k: greedy_signals(
-                        task, its, [by_now[it.image_id] for it in its], before, r.get("votes")
-                    )
-                    for k, its in sets.items()
-                }
+        base = set_signals(task, sets, before)
+        rounds = [
+            set_signals(
+                task,
+                sets,
+                answers(adapted, rd["answers"]) + answers(watch, rd.get("answers_watch", [])),
+                before,
+                r.get("votes"),
             )
+            for rd in r["rounds"]
+        ]
         traj = r["trajectory"]
         deltas = [
             traj[str(k)]["heldout"]["greedy_acc"] - traj["0"]["heldout"]["greedy_acc"]

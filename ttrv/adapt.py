@@ -133,6 +133,22 @@ def greedy_signals(
     )
 
 
+def set_signals(
+    task: Any,
+    sets: dict[str, list[Item]],
+    answers: list[dict[str, str]],
+    before: list[dict[str, str]] | None = None,
+    votes: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """`greedy_signals` of each watched set (name -> items), from answers of any images
+    matched by image id (`before`/`votes` as there; None for the signals before)."""
+    by_id = {a["image_id"]: a for a in answers}
+    return {
+        name: greedy_signals(task, its, [by_id[it.image_id] for it in its], before, votes)
+        for name, its in sets.items()
+    }
+
+
 def is_converged(group: Group) -> bool:
     """Every rollout gave the same valid answer: nothing left to learn from this image."""
     return len(set(group.answers)) == 1 and group.answers[0] != INVALID
@@ -515,11 +531,7 @@ def adapt(
         "watch": [by_id[i] for i in split.watch],
     }
     watched = {k: v for k, v in watched.items() if v}
-    before_by_id = {b["image_id"]: b for b in before}
-    base_signals = {
-        k: greedy_signals(cfg.task, its, [before_by_id[it.image_id] for it in its])
-        for k, its in watched.items()
-    }
+    base_signals = set_signals(cfg.task, watched, before)
     history: list[StepRecord] = []
     status, reason = "done", "all rounds finished"
     checkpoint: Path | None = Path(resume_from) if resume_from else None
@@ -546,17 +558,7 @@ def adapt(
             sink("answers", {"phase": phase, "answers": answers})
         if not cfg.guard.guard:
             return False
-        by_image = {a["image_id"]: a for a in answers}
-        now = {
-            k: greedy_signals(
-                cfg.task,
-                its,
-                [by_image[it.image_id] for it in its],
-                before,
-                votes,
-            )
-            for k, its in watched.items()
-        }
+        now = set_signals(cfg.task, watched, answers, before, votes)
         # Decided once, on the main process, and applied on every process (rollback).
         d = dist.broadcast(guard_mod.decide(base_signals, now, cfg.guard) if dist.is_main else None)
         step = state["step"]
