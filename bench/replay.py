@@ -29,23 +29,15 @@ def play_reviews(
     reverts it to the unadapted model. Returns, per N, the recommendation and the greedy
     accuracy change over all images with and without the review applied."""
     from ttrv.answers import canonical_label
-    from ttrv.review import flips, mark_from_label, review_order, verdict
+    from ttrv.review import flips, labelled_review
 
-    labels = [canonical_label(it.label, task) for it in items]
     ids = [str(i) for i in range(len(items))]
-    before, after = (
-        dict(zip(ids, base, strict=True)),
-        dict(zip(ids, end, strict=True)),
-    )
-    flipped = flips(before, after)
-    order = review_order(flipped, seed)
-    delta = sum((after[i] == labels[int(i)]) - (before[i] == labels[int(i)]) for i in ids) / len(
-        ids
-    )
-    out: dict[str, Any] = {"flips": len(flipped), "delta": delta}
+    labels = {i: canonical_label(it.label, task) for i, it in zip(ids, items, strict=True)}
+    before, after = dict(zip(ids, base, strict=True)), dict(zip(ids, end, strict=True))
+    delta = sum((after[i] == labels[i]) - (before[i] == labels[i]) for i in ids) / len(ids)
+    out: dict[str, Any] = {"flips": len(flips(before, after)), "delta": delta}
     for n in REVIEW_SIZES:
-        marks = {i: mark_from_label(labels[int(i)], before[i], after[i]) for i in order[:n]}
-        v = verdict(marks, len(flipped), len(ids))
+        _, v = labelled_review(before, after, labels, seed, n)
         out[str(n)] = {
             "recommendation": v.recommendation,
             "estimate": v.estimate,

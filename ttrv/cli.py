@@ -325,20 +325,14 @@ def play_review(
     from .adapt import unadapted_state
     from .answers import canonical_label
     from .lora import load_adapter_state, save_adapter
-    from .review import flips, mark_from_label, review_order, verdict
+    from .review import labelled_review
 
     before = {b["image_id"]: b["answer"] for b in result.before}
     after = {a["image_id"]: a["answer"] for a in result.after}
-    labels = {it.image_id: it.label for it in items if it.label is not None}
-    flipped = flips(before, after)
-    marks: dict[str, str] = {}
-    for image_id in review_order(flipped, cfg.optim.seed):
-        if len(marks) >= n:
-            break
-        if image_id in labels:  # an image without a label is skipped, as a person would
-            label = canonical_label(labels[image_id], cfg.task)
-            marks[image_id] = mark_from_label(label, before[image_id], after[image_id])
-    v = verdict(marks, len(flipped), len(before))
+    labels = {
+        it.image_id: canonical_label(it.label, cfg.task) for it in items if it.label is not None
+    }
+    marks, v = labelled_review(before, after, labels, cfg.optim.seed, n)
     applied = "keep"
     if v.recommendation == "revert":
         save_adapter(model, out / "adapter-rejected")

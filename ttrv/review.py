@@ -131,6 +131,26 @@ def review_order(flip_ids: Sequence[str], seed: int) -> list[str]:
     return ids
 
 
+def labelled_review(
+    before: Mapping[str, str],
+    after: Mapping[str, str],
+    labels: Mapping[str, str],
+    seed: int,
+    n: int,
+) -> tuple[dict[str, str], Verdict]:
+    """A reviewer who knows the (canonical) labels marks up to `n` flips in the seeded
+    review order, skipping images without a label as a person would; the marks and the
+    verdict over all flips."""
+    flipped = flips(before, after)
+    marks: dict[str, str] = {}
+    for image_id in review_order(flipped, seed):
+        if len(marks) >= n:
+            break
+        if image_id in labels:
+            marks[image_id] = mark_from_label(labels[image_id], before[image_id], after[image_id])
+    return marks, verdict(marks, len(flipped), len(before))
+
+
 def mark_from_label(label: str, before: str, after: str) -> str:
     """What a reviewer holding the true label marks (the benchmark's and CLI's reviewer)."""
     if after == label:
