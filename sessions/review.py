@@ -3,7 +3,8 @@ person gives them, the verdict (`ttrv.review`) and its one-click application.
 
 The marks live in the store's `reviews` table (exported with the session); applying a
 verdict is a `review_applied` event. A session whose latest applied verdict is "revert"
-answers with the unadapted model: `session_adapter` returns no adapter for it.
+answers with the unadapted model: `result_adapter` gives every job that answers or exports
+with a session's result the same rule.
 """
 
 from __future__ import annotations
@@ -78,12 +79,19 @@ def applied(store: Store, session_id: str) -> str | None:
     return events[-1]["data"]["decision"] if events else None
 
 
-def session_adapter(store: Store, session_id: str) -> dict[str, Any] | None:
-    """The checkpoint a session answers with: its latest, or None when it has none or its
-    review reverted it to the unadapted model."""
+def result_adapter(store: Store, session_id: str) -> tuple[bool, dict[str, Any] | None]:
+    """What a session's result is, for every job that answers or exports with it:
+    (reverted by its flip review, its latest checkpoint on disk or None). A reverted
+    session answers with the unadapted model, so it has no checkpoint to use."""
     if applied(store, session_id) == "revert":
-        return None
-    return store.latest_checkpoint(session_id)
+        return True, None
+    ckpt = store.latest_checkpoint(session_id)
+    return False, ckpt if ckpt and not ckpt["missing"] else None
+
+
+def session_adapter(store: Store, session_id: str) -> dict[str, Any] | None:
+    """The checkpoint a session answers with, or None (none saved, or reverted)."""
+    return result_adapter(store, session_id)[1]
 
 
 def verdict_text(state: dict[str, Any]) -> str:
@@ -105,5 +113,6 @@ __all__ = [
     "flip",
     "mark",
     "queue",
+    "result_adapter",
     "session_adapter",
 ]

@@ -272,9 +272,9 @@ class Worker:
         from ttrv.rollout import greedy_answers
 
         cfg, items, loaded = self._session_setup(sid)
-        if with_adapter and review.applied(self.store, sid) != "revert":
-            ckpt = self.store.latest_checkpoint(sid)
-            if ckpt is None or ckpt["missing"]:
+        reverted, ckpt = review.result_adapter(self.store, sid)
+        if with_adapter and not reverted:
+            if ckpt is None:
                 raise FileNotFoundError("This session has no adapter yet: adapt first.")
             load_adapter_weights(loaded.model, ckpt["path"])
         answers = greedy_answers(make_policy(loaded), items, cfg.task, cfg.rollout)
@@ -319,8 +319,8 @@ class Worker:
             base = greedy_answers(policy, [item], task, rollout)[0]
         adapted = None
         if sid:
-            ckpt = review.session_adapter(self.store, sid)  # None once reverted by review
-            if ckpt and not ckpt["missing"]:
+            _, ckpt = review.result_adapter(self.store, sid)  # None once reverted by review
+            if ckpt is not None:
                 load_adapter_weights(loaded.model, ckpt["path"])
                 adapted = greedy_answers(policy, [item], task, rollout)[0]
         return {"base": base, "adapted": adapted, "question": task.question}
@@ -344,9 +344,8 @@ class Worker:
         # must not mark a finished session failed
         cfg = AdaptConfig.from_dict(self.store.get_session(sid)["config"])
         self._check_imported_model(sid, cfg.model.model)
-        reverted = review.applied(self.store, sid) == "revert"
-        ckpt = None if reverted else self.store.latest_checkpoint(sid)
-        if not reverted and (ckpt is None or ckpt["missing"]):
+        reverted, ckpt = review.result_adapter(self.store, sid)
+        if not reverted and ckpt is None:
             raise FileNotFoundError("This session has no adapter saved yet: adapt first.")
         self._drop_model()
         loaded = load_model(dataclasses.replace(cfg.model, quantization="none"))

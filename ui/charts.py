@@ -404,7 +404,10 @@ def advantage_scope(config: dict[str, Any]) -> str:
     scope = reward.get("advantage_scope", "auto")
     if scope != "auto":
         return scope
-    return "batch" if reward.get("reward", "ttrv") in ("ttrv", "entropy") else "group"
+    from ttrv.rewards import REWARDS  # the registry holds each reward's own scope
+
+    spec = REWARDS.get(reward.get("reward", "ttrv"))
+    return spec.scope if spec is not None else "group"
 
 
 def sign_note(config: dict[str, Any]) -> str:

@@ -107,13 +107,13 @@ def adapter_zip(store: Store, session_id: str, folder: Path | None = None) -> tu
     `folder` (default: a fresh temporary folder); (the zip, its step). ValueError when the
     session has none, or its flip review reverted it to the unadapted model."""
     session = store.get_session(session_id)
-    if review.applied(store, session_id) == "revert":
+    reverted, ckpt = review.result_adapter(store, session_id)
+    if reverted:
         raise ValueError(
             f"The flip review of {session['name']!r} reverted it to the unadapted model, so "
             "it has no adapter to download. Merged model exports the unadapted model."
         )
-    ckpt = store.latest_checkpoint(session_id)
-    if ckpt is None or ckpt["missing"]:
+    if ckpt is None:
         raise ValueError(f"{session['name']!r} has no adapter saved yet: adapt first.")
     source = Path(ckpt["path"])
     files = [source] if source.is_file() else [source / n for n in ADAPTER_FILES]

@@ -83,10 +83,11 @@ def build(ctx: Context) -> dict[str, Any]:
         status = gr.Markdown(elem_id="review-status")
     index = gr.State(0)
 
-    def draw(sid: str | None, at: int) -> tuple:
+    def draw(sid: str | None, at: int, state: dict[str, Any] | None = None) -> tuple:
+        """The panel for `state` (`review.queue`; read here when not given)."""
         if not sid:
             return info("No session yet."), None, "", "", 0, ""
-        state = review.queue(ctx.store, sid)
+        state = state or review.queue(ctx.store, sid)
         flips = state["flips"]
         if not flips:
             return verdict_markdown(state), None, "", "", 0, ""
@@ -121,13 +122,14 @@ def build(ctx: Context) -> dict[str, Any]:
         def mark(sid: str | None, at: int) -> tuple:
             if not sid:
                 return (*draw(sid, at)[:5], error("Open a session first."))
-            flips = review.queue(ctx.store, sid)["flips"]
+            state = review.queue(ctx.store, sid)
+            flips = state["flips"]
             if not flips:
-                return draw(sid, at)
+                return draw(sid, at, state)
             current = flips[min(at, len(flips) - 1)]
-            review.mark(ctx.store, sid, current["image_id"], value)
+            state = review.mark(ctx.store, sid, current["image_id"], value)
             # skip moves on without marking; a mark moves to the next unmarked flip
-            return draw(sid, (at + 1) % len(flips))
+            return draw(sid, (at + 1) % len(flips), state)
 
         return mark
 
@@ -136,14 +138,14 @@ def build(ctx: Context) -> dict[str, Any]:
         def apply(sid: str | None, at: int) -> tuple:
             if not sid:
                 return (*draw(sid, at)[:5], error("Open a session first."))
-            review.apply(ctx.store, sid, decision)
+            state = review.apply(ctx.store, sid, decision)
             done = (
                 "The session keeps its adapter."
                 if decision == "keep"
                 else "The session's result is now the unadapted model (Ask and Evaluate use "
                 "no adapter); the adapted weights stay on disk."
             )
-            return (*draw(sid, at)[:5], ok(done))
+            return (*draw(sid, at, state)[:5], ok(done))
 
         return apply
 
