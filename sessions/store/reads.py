@@ -58,7 +58,8 @@ PER_IMAGE = (
     "af.phase = 'after' AND af.image_id = si.image_id " + STATS_JOIN +
     "WHERE si.session_id = :sid) "
 )  # fmt: skip
-# The same without the rollouts' summary (n, top, invalid are NULL): Compare's answers.
+# The same without the rollouts' summary (n, top, invalid are NULL): the headline's and
+# Compare's answers.
 PER_IMAGE_ANSWERS = PER_IMAGE.replace(STATS_JOIN, "").replace(
     "st.n, st.top, st.invalid", "NULL AS n, NULL AS top, NULL AS invalid"
 )
@@ -95,15 +96,7 @@ def headline(db: Database, session_id: str) -> dict[str, Any]:
     last_row = last[0] if last else {}
     # (label, before, after) per image, "after" as `answer_rows` picks it, in one query.
     per_image = db.execute(
-        "SELECT si.label, b.answer, CASE WHEN af.image_id IS NOT NULL THEN af.answer "
-        "ELSE (SELECT r.answer FROM answers r WHERE r.session_id = ?1 AND r.image_id = "
-        "si.image_id AND substr(r.phase, 1, 6) = 'round-' ORDER BY "
-        "CAST(substr(r.phase, 7) AS INTEGER) DESC LIMIT 1) END "
-        "FROM session_images si LEFT JOIN answers b ON b.session_id = ?1 AND "
-        "b.phase = 'before' AND b.image_id = si.image_id LEFT JOIN answers af ON "
-        "af.session_id = ?1 AND af.phase = 'after' AND af.image_id = si.image_id "
-        "WHERE si.session_id = ?1",
-        [session_id],
+        PER_IMAGE_ANSWERS + "SELECT label, before, after FROM per_image", {"sid": session_id}
     ).fetchall()
     compared = flipped = labelled = 0
     right = {"before": [0, 0], "after": [0, 0]}  # [correct, known] over labelled images
