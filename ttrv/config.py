@@ -176,6 +176,38 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_help("Where the model runs; auto = CUDA when available.")
     )
+    gpus: str = field(
+        default="",
+        metadata=_help(
+            "GPUs a run uses, as CUDA indices (e.g. 0,1); empty = one device, as device says. "
+            "Several: see placement."
+        ),
+    )
+    placement: Literal["replicate", "split"] = field(
+        default="replicate",
+        metadata=_help(
+            "With several GPUs: replicate = one process per GPU, each with a whole copy "
+            "(data parallel through accelerate launch); split = one copy spread over them "
+            "(for a model that does not fit one GPU)."
+        ),
+    )
+    max_memory_gib: float = field(
+        default=0.0,
+        metadata=_help(
+            "With placement split: the most of the model each GPU may hold, GiB; 0 = what "
+            "each has free, less a margin for activations.",
+            minimum=0,
+        ),
+    )
+    processes: int = field(
+        default=1,
+        metadata=_help(
+            "Data-parallel processes (accelerate launch) when gpus is empty: on the CPU "
+            "(gloo) with device cpu, else on the first GPUs; with gpus listed, one per GPU.",
+            minimum=1,
+            maximum=64,
+        ),
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata=_help(
@@ -190,6 +222,41 @@ class ModelConfig(_Section):
 
     def _rules(self) -> None:
         _check(bool(self.model.strip()), "model is empty: give a hub id or a local folder.")
+        gpus = self.gpu_list()  # raises on anything but distinct whole numbers
+        _check(
+            not gpus or self.device != "cpu",
+            "model.gpus names GPUs but model.device is cpu: clear gpus, or set device to "
+            "auto or cuda.",
+        )
+        _check(
+            self.placement != "split" or len(gpus) >= 2,
+            "model.placement split spreads one model over several GPUs: list at least two in "
+            "model.gpus.",
+        )
+        _check(
+            self.processes == 1 or not gpus,
+            "model.processes and model.gpus both say how many processes run: with gpus "
+            "listed each GPU runs one, so leave processes at 1.",
+        )
+
+    def gpu_list(self) -> list[int]:
+        """The CUDA indices of `gpus`, in the order given ("0, 2" -> [0, 2])."""
+        parts = [p.strip() for p in self.gpus.split(",") if p.strip()]
+        _check(
+            all(p.isdigit() for p in parts),
+            f"model.gpus must list CUDA indices like 0,1 (got {self.gpus!r}).",
+        )
+        out = [int(p) for p in parts]
+        _check(len(set(out)) == len(out), f"model.gpus names a GPU twice (got {self.gpus!r}).")
+        return out
+
+    def data_parallel(self) -> int:
+        """How many processes a run starts: one per listed GPU when replicated, the CPU
+        process count otherwise (1: the run stays in the calling process)."""
+        gpus = self.gpu_list()
+        if len(gpus) > 1 and self.placement == "replicate":
+            return len(gpus)
+        return self.processes
 
 
 @dataclass

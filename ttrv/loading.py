@@ -36,6 +36,14 @@ from transformers import (
 )
 
 from .config import ModelConfig
+from .placement import (
+    gpu_budgets,
+    input_device,
+    is_split,
+    placement_summary,
+    process_device,
+    split_plan,
+)
 from .processors import image_only_processor_class, register_image_only_processors
 
 # Submodules of `model.model` that hold the language model (everything else is vision side).
@@ -73,14 +81,6 @@ class LoadedModel:
 
 
 # ---- device, dtype, source -------------------------------------------------------------
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is available; use cpu.")
-    return torch.device(choice)
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -311,7 +311,7 @@ def gpu_memory_mib(device: torch.device) -> float | None:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load model + processor from a hub id or local folder, base weights frozen, eval mode."""
-    device = resolve_device(cfg.device)
+    device = process_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     config = _load_config(cfg.model, cfg.trust_remote_code)
     source = (
@@ -320,17 +320,19 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     family = config.model_type
     processor = load_processor(source, family, cfg.trust_remote_code)
 
+    if is_split(cfg):  # every block on the GPU the plan gives it, checked before loading
+        device_map: dict[str, Any] = split_plan(config, cfg.quantization, dtype, gpu_budgets(cfg))
+    elif device.type == "cuda":
+        # "cuda" without an index is the process's current GPU: under `accelerate launch`
+        # each process has set its own (cuda:<local rank>), alone it is GPU 0.
+        device_map = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    else:
+        device_map = {"": "cpu"}
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": dtype,
         "trust_remote_code": cfg.trust_remote_code,
-        # "cuda" without an index is the process's current GPU: under `accelerate launch`
-        # each process has set its own (cuda:<local rank>), alone it is GPU 0.
-        "device_map": {
-            "": device.index if device.index is not None else torch.cuda.current_device()
-        }
-        if device.type == "cuda"
-        else {"": "cpu"},
+        "device_map": device_map,
         # Explicit, not left to a default that may change: a pickle is read with torch's
         # restricted unpickler, never with one that can run code.
         "weights_only": True,
@@ -356,7 +358,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model.eval()
     if fmt == "unknown":  # a hub id read for the first time: its files are cached now
         fmt, weights_file = weights_format(source, config)
+    if is_split(cfg):
+        device = input_device(model, device)
     info = model_info(model, cfg.model, cfg.quantization)
+    info["placement"] = placement_summary(model)
     info["weights_format"] = fmt
     info["warnings"] = []
     if fmt == "pickle":

@@ -1,0 +1,192 @@
+"""Where a model sits: the devices of this machine, the device of one process, and a model
+split over several GPUs.
+
+Three ways to run (`ModelConfig`):
+
+- one device (the default): the whole model on the CPU or one GPU (`gpus` empty or one);
+- replicate (`gpus` lists several, `placement="replicate"`, or `processes` > 1 on the CPU):
+  one process per device, each with a whole copy, started by `accelerate launch`
+  (`ttrv.launch`); inside such a process the launcher has already chosen the GPU, so the
+  process uses its current device;
+- split (`placement="split"`): one process, one copy spread over the listed GPUs. The
+  plan is accelerate's (`get_balanced_memory` + `infer_auto_device_map`, as transformers'
+  `device_map="auto"` computes it) restricted to those GPUs and their budgets; it is
+  computed on the meta device before any weight is read, so a model that does not fit is
+  refused with its size instead of spilling to disk, and the same plan can be checked on
+  a machine without GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .distributed import launched
+
+GIB = 2**30
+# Share of a GPU's free memory a split may fill with weights; the rest is for activations,
+# the KV cache of the rollouts and the LoRA optimiser state.
+FREE_SHARE = 0.8
+
+
+class PlacementError(ValueError):
+    """The devices a config names are not on this machine, or the model does not fit."""
+
+
+def gpu_table() -> list[dict[str, Any]]:
+    """This machine's CUDA GPUs: index, name, total and free memory (GiB); [] without any."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append({"index": i, "name": torch.cuda.get_device_name(i),
+                    "total_gib": total / GIB, "free_gib": free / GIB})  # fmt: skip
+    return out
+
+
+def check_gpus(cfg: ModelConfig, available: int | None = None) -> None:
+    """Refuse GPUs this machine does not have (`available`: how many it has; default: ask
+    torch), with a message that says which it has."""
+    gpus = cfg.gpu_list()
+    if not gpus:
+        return
+    count = torch.cuda.device_count() if available is None else available
+    if count == 0:
+        raise PlacementError(
+            f"model.gpus lists {cfg.gpus}, but this machine has no CUDA GPU: clear gpus to "
+            "run on the CPU."
+        )
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        have = ", ".join(str(i) for i in range(count))
+        raise PlacementError(
+            f"GPU {', '.join(map(str, missing))} is not on this machine; it has {count} ({have})."
+        )
+
+
+def process_device(cfg: ModelConfig) -> torch.device:
+    """The device this process loads the model onto (for a split model: where its inputs
+    go, the first listed GPU)."""
+    gpus = cfg.gpu_list()
+    if gpus and launched():
+        # accelerate launch --gpu_ids made only the listed GPUs visible and set this
+        # process's own: cuda:<local rank>, its current device.
+        return torch.device("cuda", torch.cuda.current_device())
+    if gpus:
+        check_gpus(cfg)
+        return torch.device("cuda", gpus[0])
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PlacementError("device='cuda' was asked for but no CUDA GPU is available; use cpu.")
+    return torch.device(cfg.device)
+
+
+def is_split(cfg: ModelConfig) -> bool:
+    """One model over several GPUs in this process (not inside a data-parallel launch)."""
+    return cfg.placement == "split" and len(cfg.gpu_list()) > 1 and not launched()
+
+
+def gpu_budgets(cfg: ModelConfig, free_gib: dict[int, float] | None = None) -> dict[int, int]:
+    """Bytes of weights each listed GPU may take: `max_memory_gib`, else `FREE_SHARE` of
+    what it has free now (`free_gib` given for planning without the GPUs)."""
+    gpus = cfg.gpu_list()
+    if cfg.max_memory_gib > 0:
+        return {g: int(cfg.max_memory_gib * GIB) for g in gpus}
+    if free_gib is None:
+        free_gib = {g: torch.cuda.mem_get_info(g)[0] / GIB for g in gpus}
+    return {g: int(free_gib[g] * FREE_SHARE * GIB) for g in gpus}
+
+
+def _bytes_per_weight(quantization: str, dtype: torch.dtype) -> float:
+    return {"8bit": 1.0, "4bit": 0.5}.get(quantization, torch.finfo(dtype).bits / 8)
+
+
+def split_plan(
+    config: Any, quantization: str, dtype: torch.dtype, budgets: dict[int, int]
+) -> dict[str, int]:
+    """The device of every top-level block of the model built from `config` over the
+    GPUs of `budgets` ({index: bytes}), balanced as `device_map="auto"` balances.
+
+    Sizes are those of the weights at `dtype`; quantised weights count one byte (8-bit)
+    or half a byte (4-bit) each, planned by scaling the budgets instead (accelerate sizes
+    modules by dtype only). Raises PlacementError when the model does not fit.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from transformers import AutoModelForImageTextToText
+
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    scale = (torch.finfo(dtype).bits / 8) / _bytes_per_weight(quantization, dtype)
+    memory = {g: int(b * scale) for g, b in budgets.items()}
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split,
+                                   dtype=dtype)  # fmt: skip
+    plan = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split,
+                                 dtype=dtype)  # fmt: skip
+    if any(not isinstance(d, int) for d in plan.values()):
+        need = sum(p.numel() for p in model.parameters()) * _bytes_per_weight(quantization, dtype)
+        have = sum(budgets.values())
+        raise PlacementError(
+            f"The model needs about {need / GIB:.1f} GiB of weights and GPUs "
+            f"{', '.join(map(str, budgets))} may hold {have / GIB:.1f} GiB of it: add GPUs, "
+            "raise model.max_memory_gib, or load in 4-bit."
+        )
+    return {name: int(device) for name, device in plan.items()}
+
+
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
+
+
+def _ranges(names: list[str]) -> list[str]:
+    """Consecutive numbered blocks written as one range: "layers.0" .. "layers.17" ->
+    "layers.0-17"; other names as they are, in order."""
+    out: list[str] = []
+    run: tuple[str, int, int] | None = None  # prefix, first, last
+    for name in [*names, ""]:
+        m = _NUMBERED.match(name)
+        if m and run and m.group(1) == run[0] and int(m.group(2)) == run[2] + 1:
+            run = (run[0], run[1], int(m.group(2)))
+            continue
+        if run:
+            out.append(f"{run[0]}{run[1]}" + (f"-{run[2]}" if run[2] != run[1] else ""))
+            run = None
+        if m:
+            run = (m.group(1), int(m.group(2)), int(m.group(2)))
+        elif name:
+            out.append(name)
+    return out
+
+
+def placement_summary(model: Any) -> list[dict[str, Any]]:
+    """Where the model sits: one entry per device, {"device", "parts", "mib"} with the
+    blocks it holds (numbered layers as ranges) and the MiB of their weights and buffers,
+    in device order. A model on one device is one entry, "parts": ["whole model"]."""
+    sizes: dict[str, float] = {}
+    where: dict[str, list[str]] = {}
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for t in [*model.parameters(), *model.buffers()]:
+        device = str(t.device)
+        sizes[device] = sizes.get(device, 0.0) + t.numel() * t.element_size() / 2**20
+    if len(sizes) <= 1 or not device_map:
+        return [{"device": d, "parts": ["whole model"], "mib": round(m, 1)}
+                for d, m in sizes.items()]  # fmt: skip
+    for name, device in device_map.items():
+        key = f"cuda:{device}" if isinstance(device, int) else str(device)
+        where.setdefault(key, []).append(name or "whole model")
+    order = sorted(sizes, key=lambda d: (d.split(":")[0], int(d.split(":")[1]) if ":" in d else 0))
+    return [{"device": d, "parts": _ranges(where.get(d, [])), "mib": round(sizes[d], 1)}
+            for d in order]  # fmt: skip
+
+
+def input_device(model: Any, fallback: torch.device) -> torch.device:
+    """Where a split model takes its inputs: the device of its input embeddings."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return fallback
