@@ -395,6 +395,51 @@ def cli_run(
     return Run(store, sid, resume_from=resume_from)
 
 
+def image_rows(store: Store, sid: str) -> list[dict[str, Any]]:
+    """What a run needs of a session's images (no pixels): id, name, path, question,
+    options and label, in order. Plain data, so one process can hand them to the others
+    of a data-parallel run."""
+    keys = ("image_id", "name", "path", "question", "options", "label")
+    return [{k: row.get(k) for k in keys} for row in store.images(sid)]
+
+
+def load_session_items(rows: list[dict[str, Any]]) -> list[Any]:
+    """The engine's items for `image_rows`, pixels read from the data directory; a missing
+    file or an empty session is refused with a message that says so."""
+    from ttrv.images import load_image
+    from ttrv.tasks import Item
+
+    items = []
+    for row in rows:
+        path = row.get("path")
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(
+                f"Image {row.get('name')} of this session is missing from the data "
+                f"directory ({path})."
+            )
+        fields = {k: row.get(k) for k in ("image_id", "name", "question", "options", "label")}
+        items.append(Item(image=load_image(path), **fields))
+    if not items:
+        raise ValueError("This session has no images: add at least one image.")
+    return items
+
+
+def session_run(
+    data_dir: str | os.PathLike[str] | None,
+    sid: str,
+    out: Path,
+    resume_from: str | os.PathLike[str] | None = None,
+) -> Run:
+    """The `Run` of `python -m ttrv adapt --session SID`: a run of a session the app
+    created (its config and images), as the app's worker starts one on several devices."""
+    store = Store(data_dir)
+    store.get_session(sid)  # a wrong id is refused with the store's message
+    (out / SESSION_FILE).write_text(
+        json.dumps({"session_id": sid, "data_dir": str(store.data_dir)}, indent=1)
+    )
+    return Run(store, sid, resume_from=resume_from)
+
+
 def _adopt_checkpoint(store: Store, sid: str, checkpoint: Path) -> None:
     """A new session for a checkpoint of an unrecorded run: it gets the run's "before"
     answers (kept in the checkpoint) and a warning that its earlier steps are missing."""

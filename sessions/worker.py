@@ -19,6 +19,8 @@ import functools
 import gc
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import traceback as tb
@@ -27,12 +29,15 @@ from typing import Any
 
 from . import jobs, review, runs
 from .runs import oom_message as _oom_message
+from .schema import ACTIVE_STATUSES
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 # Statuses of a session whose adaptation failed before its `runs.Run` took it over.
 NOT_TAKEN_OVER = ("queued", "interrupted")
+LAUNCH_LOG = "launch.log"  # a data-parallel run's output, in the session's adapter folder
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `python -m ttrv` is found
 
 
 def free_memory() -> None:
@@ -91,6 +96,7 @@ class Worker:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._children: set[Any] = set()  # the launched processes of a data-parallel run
         self._light: threading.Thread | None = None
         self.loaded: Any = None  # ttrv.loading.LoadedModel with a LoRA adapter attached
         self._loaded_key: str | None = None
@@ -112,6 +118,13 @@ class Worker:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        # A data-parallel run goes down with the app, as an in-process run does (its session
+        # is then marked interrupted, and can be resumed). SIGTERM, not SIGKILL: the
+        # launcher passes it on to the run's processes, which torch starts in their own
+        # sessions.
+        for child in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
         for thread in (self._thread, self._light):
             if thread:
                 thread.join(timeout)
@@ -215,33 +228,11 @@ class Worker:
             raise FileNotFoundError(problem)
 
     def session_items(self, sid: str) -> list[Any]:
-        from ttrv.images import load_image
-        from ttrv.tasks import Item
-
-        items = []
-        for row in self.store.images(sid):
-            path = row.get("path")
-            if not path or not Path(path).exists():
-                raise FileNotFoundError(
-                    f"Image {row.get('name')} of this session is missing from the data "
-                    f"directory ({path})."
-                )
-            items.append(
-                Item(
-                    image_id=row["image_id"],
-                    name=row["name"],
-                    image=load_image(path),
-                    question=row.get("question"),
-                    options=row.get("options"),
-                    label=row.get("label"),
-                )
-            )
-        if not items:
-            raise ValueError("This session has no images: add at least one image.")
-        return items
+        return runs.load_session_items(runs.image_rows(self.store, sid))
 
     def _job_adapt(self, job: dict[str, Any]) -> dict[str, Any]:
         from ttrv.adapt import adapt
+        from ttrv.config import AdaptConfig
         from ttrv.lora import save_adapter
 
         sid = job["session_id"]
@@ -254,6 +245,9 @@ class Worker:
                     "No checkpoint to resume from: start the adaptation again instead."
                 )
             resume = ckpt["path"]
+        model = AdaptConfig.from_dict(self.store.get_session(sid)["config"]).model
+        if model.data_parallel() > 1:
+            return self._adapt_launched(sid, model, resume)
         with runs.Run(self.store, sid, resume_from=resume) as run:
             cfg, items, loaded = self._session_setup(sid)
             out = self.store.adapter_dir(sid)
@@ -266,6 +260,54 @@ class Worker:
                 adapter = save_adapter(loaded.model, out / f"final-step-{result.steps}")
             run.finish(result, adapter)
         return {"status": result.status, "steps": result.steps, "reason": result.reason}
+
+    def _adapt_launched(self, sid: str, model: Any, resume: str | None) -> dict[str, Any]:
+        """A data-parallel run: `python -m ttrv adapt --session` under `accelerate launch`
+        (`ttrv.launch`) on the session's devices, recorded by its main process exactly as
+        an in-process run records itself (`runs.Run`: heartbeat, stop requests, the end).
+        This thread waits for it; the model this worker holds is dropped first so that the
+        run's processes get the devices. The launcher's output goes to `launch.log` in
+        the session's adapter folder; an exit without a recorded end fails the session
+        with its last lines."""
+        import subprocess
+
+        import torch
+
+        from ttrv.launch import launch_command
+
+        self._check_imported_model(sid, model.model)
+        self._drop_model()
+        out = self.store.adapter_dir(sid)
+        out.mkdir(parents=True, exist_ok=True)
+        args = ["adapt", "--session", sid, "--data-dir", str(self.store.data_dir), "--out",
+                str(out), *(["--resume", str(resume)] if resume else [])]  # fmt: skip
+        command, env = launch_command(model, args, cuda_available=torch.cuda.is_available())
+        log_path = out / LAUNCH_LOG
+        with log_path.open("ab") as log_file:
+            log_file.write(f"$ {' '.join(command)}\n".encode())
+            log_file.flush()
+            child = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                env={**os.environ, **env}, start_new_session=True,
+            )  # fmt: skip
+            self._children.add(child)
+            try:
+                code = child.wait()
+            finally:
+                self._children.discard(child)
+        session = self.store.get_session(sid)
+        if self._stop.is_set():  # the app is closing: marked interrupted when it next starts
+            return {"status": session["status"], "exit_code": code}
+        if session["status"] in ACTIVE_STATUSES or session["status"] in NOT_TAKEN_OVER:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
+            message = (
+                f"The {model.data_parallel()}-process run ended (exit code {code}) before "
+                f"recording its end; its log is {log_path}. Last lines:\n" + "\n".join(tail)
+            )
+            self.store.set_status(sid, "failed", error=message)
+            raise RuntimeError(message)
+        return {"status": session["status"], "reason": session.get("reason"),
+                "processes": model.data_parallel(), "exit_code": code}  # fmt: skip
 
     def _answer_phase(self, sid: str, phase: str, with_adapter: bool) -> dict[str, Any]:
         from ttrv.adapt import load_adapter_weights, make_policy

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="session store folder (with --store)")
     p.add_argument("--name", help="session name (with --store)")
     p.add_argument(
+        "--session",
+        metavar="ID",
+        help="run a session the app created, with its own config and images, recorded in "
+        "it (the app starts runs on several devices this way; --data-dir names its store)",
+    )
+    p.add_argument(
         "--review",
         type=int,
         default=0,
@@ -105,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "adapt":
-            return cmd_adapt(args)
+            return cmd_adapt(args, argv)
         return cmd_answer(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -208,26 +215,80 @@ def _store_front_end() -> Any:
     return importlib.import_module("sessions.runs")
 
 
-def cmd_adapt(args: argparse.Namespace) -> int:
+def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
+    from .distributed import current, launched
+
+    if args.session:
+        return _adapt_session(args, argv)
     base = json.loads(args.config.read_text()) if args.config else None
     cfg = config_from_args(args, base)
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
+    if cfg.model.data_parallel() > 1 and not launched():
+        return _relaunch(cfg, argv)
     items = _load_items(args.images, args.labels)
     if args.review and not any(it.label is not None for it in items):
         raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
-    from .distributed import current
-
     # One process unless started by `accelerate launch` with several (then this joins
     # their group, before the model is loaded onto this process's device).
     dist = current()
+    return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
+
+
+def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:
+    """This same command again, under `accelerate launch` in as many processes as the
+    config asks for (`ttrv.launch`); its exit status is this one's."""
+    import os
+    import subprocess
+
+    import torch
+
+    from .launch import launch_command
+
+    command, env = launch_command(cfg.model, argv, cuda_available=torch.cuda.is_available())
+    print(f"starting {cfg.model.data_parallel()} processes: {' '.join(command)}", file=sys.stderr)
+    return subprocess.call(command, env={**os.environ, **env})
+
+
+def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
+    """`adapt --session ID`: the session's own config and images (read by the main
+    process, handed to the others), recorded in that session."""
+    from .distributed import current, launched
+
+    if args.images or args.config or args.labels or args.review or args.store or args.name:
+        raise ConfigError(
+            "--session runs a session with its own config and images: give only --data-dir, "
+            "--out and --resume with it."
+        )
+    runs = _store_front_end()
+    dist = current()
+    data: Any = None
+    if dist.is_main:
+        try:
+            store = runs.Store(args.data_dir)
+            data = (store.get_session(args.session)["config"], runs.image_rows(store, args.session))
+        except runs.StoreError as e:  # said by every process, not left waiting for data
+            data = str(e)
+    data = dist.broadcast(data)
+    if isinstance(data, str):
+        raise ValueError(data)
+    cfg = AdaptConfig.from_dict(data[0])
+    if cfg.model.data_parallel() > 1 and not launched():
+        return _relaunch(cfg, argv)
+    return _adapt_in_group(args, cfg, runs.load_session_items(data[1]), dist, runs=runs)
+
+
+def _adapt_in_group(
+    args: argparse.Namespace, cfg: AdaptConfig, items: list[Any], dist: Any, runs: Any
+) -> int:
+    """The run on this process (one of `dist.size`): only the main process writes."""
     # The main process's folder name for all: a default name is the time, which can differ.
     out = dist.broadcast(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if dist.is_main:  # only the main process writes: the folder, events, store, adapter
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    runs = _store_front_end() if args.store and dist.is_main else None
+    runs = runs if dist.is_main else None
     # The store's errors (a full disk among them) carry a message that says what to do.
     store_errors: tuple[type[BaseException], ...] = (
         (runs.StoreError, runs.DiskFullError) if runs else ()
@@ -259,7 +320,10 @@ def _adapt_recorded(
     if runs is not None:
         # The session first: a resume into a session that is still running elsewhere is
         # refused before the model is loaded.
-        recorder = runs.cli_run(args.data_dir, out, cfg, items, args.name, args.resume)
+        if args.session:
+            recorder = runs.session_run(args.data_dir, args.session, out, args.resume)
+        else:
+            recorder = runs.cli_run(args.data_dir, out, cfg, items, args.name, args.resume)
         print(f"session {recorder.session_id} in {recorder.store.data_dir}", file=sys.stderr)
     with recorder:
         if dist.is_main:

@@ -1,0 +1,58 @@
+"""The `accelerate launch` command that runs `python -m ttrv ...` data parallel.
+
+Used by the CLI (a run whose config asks for several processes starts itself again under
+the launcher) and by the app's worker (which starts the run as a child and waits for it),
+so both start the same processes the README documents. Nothing here forms process groups
+or talks between processes: that is accelerate's (`ttrv.distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from .config import ModelConfig
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def on_cpu(cfg: ModelConfig, cuda_available: bool) -> bool:
+    """Whether the processes run on the CPU: device cpu, or auto on a machine without
+    CUDA (listed GPUs never run on the CPU)."""
+    if cfg.gpu_list():
+        return False
+    return cfg.device == "cpu" or (cfg.device == "auto" and not cuda_available)
+
+
+def launch_command(
+    cfg: ModelConfig,
+    args: list[str],
+    *,
+    cuda_available: bool,
+    port: int | None = None,
+    cpu_count: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment additions) that start `python -m ttrv <args>` in
+    `cfg.data_parallel()` processes on one machine: one per listed GPU (`--gpu_ids`, so
+    each sees its own as cuda:<local rank>), or CPU processes joined through gloo
+    (`ACCELERATE_USE_CPU=1`, each given its share of the cores)."""
+    n = cfg.data_parallel()
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]  # fmt: skip
+    env: dict[str, str] = {}
+    gpus = cfg.gpu_list()
+    if gpus:
+        argv += ["--gpu_ids", ",".join(map(str, gpus))]
+    elif on_cpu(cfg, cuda_available):
+        env["ACCELERATE_USE_CPU"] = "1"
+        # P processes that each used every core would fight over them.
+        cores = cpu_count or os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // n))
+    return [*argv, "-m", "ttrv", *args], env
