@@ -165,6 +165,9 @@ def build(ctx: Context) -> dict[str, Any]:
                 "the Images tab)."
             )
         where = checks.check_model(cfg.model)
+        devices = checks.check_devices(cfg.model)
+        if devices:
+            where += f", {devices}"
         check_prompts(cfg, draft)
         sid = ctx.store.create_session(
             (session_name or "").strip() or default_name(cfg, len(draft)),

@@ -58,6 +58,26 @@ def check_model(cfg: ModelConfig) -> str:
     return f"hub model {name} (downloaded when the run starts)"
 
 
+def check_devices(cfg: ModelConfig, gpus_here: int | None = None) -> str:
+    """Raise ValueError when the config names GPUs this machine lacks (`gpus_here`: how
+    many it has; default: ask torch); else a few words on where the run goes ("" for the
+    default, one device)."""
+    from ttrv.placement import check_gpus
+
+    check_gpus(cfg, gpus_here)  # a PlacementError is a ValueError, shown as it is
+    gpus, n = cfg.gpu_list(), cfg.data_parallel()
+    if len(gpus) > 1 and cfg.placement == "split":
+        return f"one copy split over GPUs {', '.join(map(str, gpus))}"
+    if gpus and n > 1:
+        return f"{n} processes, one per GPU ({', '.join(map(str, gpus))})"
+    if gpus:
+        return f"GPU {gpus[0]}"
+    if n > 1:
+        where = "CPU" if cfg.device == "cpu" else "first GPUs (or the CPU without one)"
+        return f"{n} data-parallel processes on the {where}"
+    return ""
+
+
 def task_notes(model: str, task: TaskConfig) -> list[str]:
     """Warnings (not errors) about asking this model this task: the digits model knows
     only the prompts it was trained on."""

@@ -1,4 +1,4 @@
-"""Model tab: how the model is loaded (quantisation, dtype, device), LoRA, and its card.
+"""Model tab: how the model is loaded (quantisation, dtype, which devices), LoRA, its card.
 
 "Load model" submits a `load_model` job and polls it: the adaptation loads the same model
 itself, so loading here is a check (does it load, how big is it, where does it run) that
@@ -79,12 +79,50 @@ def job_text(job: dict[str, Any] | None) -> str:
     i = (job.get("result") or {}).get("info") or {}
     trainable = i.get("trainable_params")
     lora = f", {_size(trainable)} trainable (LoRA)" if trainable else ""
-    return ok(
+    text = (
         f"Loaded **{short}** — {_size(i.get('total_params'))} parameters{lora} · device "
         f"**{i.get('device')}** · {i.get('dtype')} · quantisation {i.get('quantization')} · "
         f"weights {(i.get('param_bytes') or 0) / 2**20:.1f} MiB"
         + (f" · GPU memory {i['gpu_memory_mib']:.0f} MiB" if i.get("gpu_memory_mib") else "")
     )
+    placement = i.get("placement") or []
+    if len(placement) > 1:  # a split model: where each part sits
+        text += "\n\n" + "\n".join(
+            f"- **{p['device']}**: {', '.join(p['parts'])} ({p['mib']:.0f} MiB)" for p in placement
+        )
+    return ok(text)
+
+
+def devices_text(gpus: list[dict[str, Any]], cpu_count: int | None) -> str:
+    """This machine's devices, for choosing `gpus` / `processes` (`gpus`:
+    `ttrv.placement.gpu_table()`)."""
+    cores = f"{cpu_count} CPU cores" if cpu_count else "CPU"
+    if not gpus:
+        return info(
+            f"This machine: {cores}, no CUDA GPU. Runs use the CPU; **processes** > 1 runs "
+            "that many data-parallel CPU processes."
+        )
+    listed = "; ".join(
+        f"**{g['index']}** {g['name']} ({g['free_gib']:.0f} of {g['total_gib']:.0f} GiB free)"
+        for g in gpus
+    )
+    return info(
+        f"This machine: {cores}; GPUs {listed}. List the ones a run uses in **gpus** (e.g. "
+        "0,1): **replicate** runs one process per GPU through accelerate, **split** spreads "
+        "one copy of a model too big for one GPU over them."
+    )
+
+
+def machine_devices() -> str:
+    import os
+
+    from ttrv.placement import gpu_table  # torch, imported when the tab is shown
+
+    try:
+        gpus = gpu_table()
+    except Exception as exc:  # noqa: BLE001 - a driver problem is shown, not raised
+        return error(f"Could not list the GPUs: {exc}")
+    return devices_text(gpus, os.cpu_count())
 
 
 def build(ctx: Context) -> dict[str, Any]:
@@ -94,6 +132,7 @@ def build(ctx: Context) -> dict[str, Any]:
         "adapter. Only the LoRA weights of the language model are trained."
     )
     card = gr.Markdown(elem_id="model-tab-card")
+    devices = gr.Markdown(elem_id="model-devices")
     model_form = forms.build_section("model", exclude=("model",), columns=3)
     with gr.Accordion("LoRA", open=False):
         lora_form = forms.build_section("lora", columns=4)
@@ -145,4 +184,5 @@ def build(ctx: Context) -> dict[str, Any]:
 
     timer.tick(poll, job_id, [status, timer], show_progress="hidden", api_visibility="private")
     ctx.on_load(last_load, [], [status])
+    ctx.on_load(machine_devices, [], [devices])
     return {"wire": wire}
