@@ -14,14 +14,27 @@ from PIL import Image
 
 from tests.test_engine import loaded_model, small_config
 from tests.tiny_models import FAMILIES
+from ttrv import rollout
 from ttrv.adapt import make_policy, trainable_params
-from ttrv.batching import left_pad, merge_mm_outputs, pack, position_ids, row_index
+from ttrv.batching import (
+    image_block_ids,
+    left_pad,
+    merge_mm_outputs,
+    pack,
+    packed_may_attend,
+    packed_positions,
+    position_ids,
+    row_index,
+    split_counts,
+)
 from ttrv.config import RolloutConfig, TaskConfig
 from ttrv.grpo import grpo_update
 from ttrv.rollout import (
     _pixel_logprobs,
     batch_logprobs,
     greedy_answers,
+    hf_model,
+    packed_attention,
     rollout_groups,
     sample,
     sample_many,
@@ -59,6 +72,28 @@ def test_merge_mm_outputs_keeps_each_layout():
     assert isinstance(lists, list) and len(lists) == 2 and lists[1].eq(1).all()
     tuples = merge_mm_outputs([out((a[0],)), out((b[0],))])["image"].pooler_output
     assert isinstance(tuples, tuple) and len(tuples) == 2
+
+
+def test_packed_row_layout():
+    """Guards the packed row's mask and positions: two prompts (one left-padded), two slots
+    of width 2. A slot sees the real prompt and itself causally, never the other slot or
+    padding; its positions restart at the prompt's real length."""
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # [M=2, P=3]
+    pos = packed_positions(mask, 2, 2)
+    assert pos.tolist() == [[0, 0, 1, 2, 3, 2, 3], [0, 1, 2, 3, 4, 3, 4]]
+    may = packed_may_attend(mask, 2, 2)  # [2, 7, 7]
+    assert may[0].long().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],  # padding: itself only
+        [0, 1, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0],  # slot 0
+        [0, 1, 1, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 1, 0],  # slot 1: the prompt, not slot 0
+        [0, 1, 1, 0, 0, 1, 1],
+    ]
+    blocks = image_block_ids(torch.tensor([[0, 1, 1, 0, 1]]))
+    assert blocks.tolist() == [[-1, 0, 0, -1, 1]]
+    assert split_counts([5, 2], 2) == [(0, 2), (0, 2), (0, 1), (1, 2)]
 
 
 # ---- against one prompt at a time, per family --------------------------------------------
@@ -237,3 +272,68 @@ def test_generate_calls_are_split_by_the_token_budget(tiny_model_dir, monkeypatc
     for a, b in zip(whole, split, strict=True):  # greedy: the same tokens either way
         t = min(a.shape[1], b.shape[1])
         assert torch.equal(a[:, :t], b[:, :t])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("row_tokens", [2048, 10])
+def test_packed_forward_matches_full_sequences(
+    tiny_model_dir, monkeypatch, family, attention, row_tokens
+):
+    """Guards the packed training forward (each prompt once, its completions after it under
+    a block mask, positions restarting after the prompt): every completion must get the
+    log-probs and LoRA gradients of its own full, unpadded sequence. Three prompts of
+    different lengths (left-padded), completions of lengths 1 to 6, with sdpa's boolean and
+    eager's additive mask, and with prompts split over several rows (row_tokens 10). Gemma3
+    runs with a sliding window shorter than its prompts and keeps its bidirectional image
+    blocks. Qwen-VL (multimodal rope) must stay off this path."""
+    folder = tiny_model_dir(family)
+    loaded = loaded_model(folder, small_config(folder))
+    model = loaded.model
+    if family.startswith("qwen"):
+        assert packed_attention(model) is None
+        return
+    hf_model(model).set_attn_implementation(attention)
+    text = hf_model(model).config.get_text_config()
+    if family == "gemma3":
+        monkeypatch.setattr(text, "sliding_window", 5)
+    monkeypatch.setattr(rollout, "PACKED_ROW_TOKENS", row_tokens)
+    packing = packed_attention(model)
+    assert packing is not None
+    assert (packing.additive is not None) == (attention == "eager")
+    assert (packing.windows is not None) == packing.image_blocks == (family == "gemma3")
+    policy = make_policy(loaded)
+    encoded = _encoded(policy)
+    words = torch.tensor(policy.tokenizer("a cat and a dog by the owl").input_ids)
+    words = words[~torch.isin(words, torch.tensor(policy.suppress + policy.eos))]
+    assert len(words) >= 6
+    lengths = [[3, 6], [1, 4, 2], [5]]
+    comps = [[words[:n] for n in ns] for ns in lengths]
+    params = list(trainable_params(model).values())
+    for p in params:  # non-zero LoRA B, so that A's gradients are non-zero too
+        torch.nn.init.normal_(p, std=0.05)
+    model.train()
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        logp = fn()
+        logp.sum().backward()
+        return logp.detach(), [p.grad.clone() for p in params]
+
+    def alone():
+        parts = [_pixel_logprobs(model, e, c, policy.pad, 0.7)[0]
+                 for e, c in zip(encoded, comps, strict=True)]  # fmt: skip
+        t = max(x.shape[1] for x in parts)
+        return torch.cat([torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in parts])
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a, c=calls: c.append(1))
+    got, got_grads = grads(lambda: batch_logprobs(model, encoded, comps, policy.pad, 0.7, True)[0])
+    hook.remove()
+    assert len(calls) == 1  # one forward, no prompt-only pass
+    ref, ref_grads = grads(alone)
+    assert got.shape == ref.shape == (6, 6)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max()  # float rounding

@@ -130,3 +130,62 @@ def pack(sizes: Sequence[int], limit: int) -> list[list[int]]:
             chunks.append([i])
             total = size
     return chunks
+
+
+# -- packed rows: a prompt once, then its completions, in one sequence ---------------------
+# Row layout: [prompt, left-padded to P][slot 0: S columns][slot 1] ... [slot K-1], each slot
+# holding one completion's input tokens (all but its last), right-padded. Every slot sees the
+# whole real prompt and itself causally, never another slot, and its positions restart at the
+# prompt's length, so each completion gets exactly the numbers of its own full sequence while
+# the prompt's tokens run once.
+
+
+def packed_positions(prompt_mask: torch.Tensor, slots: int, width: int) -> torch.Tensor:
+    """Position ids [M, P + slots * width]: the prompt's real tokens 0..L-1 (padding 0), each
+    slot's column t at L + t."""
+    length = prompt_mask.sum(-1, keepdim=True)  # [M, 1]
+    step = torch.arange(slots * width, device=prompt_mask.device) % width  # [K*S]
+    return torch.cat([position_ids(prompt_mask), length + step], dim=1)  # [M, W]
+
+
+def packed_may_attend(
+    prompt_mask: torch.Tensor, slots: int, width: int, image_blocks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which key each query of a packed row may attend to: [M, W, W] bool (query, key).
+
+    A slot attends to the prompt and causally to itself; the prompt is causal over its real
+    tokens. `image_blocks` [M, P] (-1 for text, else the image's index; Gemma3): tokens of one
+    image also attend to each other both ways. Padding queries attend to themselves only, so
+    no softmax row is empty."""
+    m, p = prompt_mask.shape
+    w = p + slots * width
+    col = torch.arange(w, device=prompt_mask.device)  # [W]
+    seq = ((col - p).div(width if width else 1, rounding_mode="floor") + 1).clamp(min=0)  # [W]
+    # same row-independent pattern for every prompt: columns of one sequence are in position
+    # order, and the prompt (sequence 0) precedes every slot
+    shape = ((seq[None, :] == 0) | (seq[:, None] == seq[None, :])) & (col[None, :] <= col[:, None])
+    real = torch.nn.functional.pad(prompt_mask.bool(), (0, w - p), value=True)  # [M, W] keys
+    may = shape & (real[:, None, :] | torch.eye(w, dtype=torch.bool, device=col.device))
+    if image_blocks is not None:
+        blocks = torch.nn.functional.pad(image_blocks, (0, w - p), value=-1)  # [M, W]
+        may = may | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+    return may  # [M, W, W]
+
+
+def within_window(may: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """`may` [M, W, W] limited to keys less than `window` positions behind the query (a
+    sliding-window layer: kv > q - window, as transformers defines it)."""
+    return may & (positions[:, None, :] > positions[:, :, None] - window)
+
+
+def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """[M, P]: each run of image tokens (type 1) numbered from 0, text -1 (Gemma3's
+    bidirectional image blocks, as transformers' `get_block_sequence_ids_for_mask`)."""
+    image = token_type_ids == 1
+    start = image & ~torch.nn.functional.pad(image, (1, 0), value=False)[:, :-1]
+    return torch.where(image, start.long().cumsum(-1) - 1, -1)
+
+
+def split_counts(counts: Sequence[int], most: int) -> list[tuple[int, int]]:
+    """Each prompt's rows in runs of at most `most`: (prompt, rows) in row order."""
+    return [(i, min(most, c - s)) for i, c in enumerate(counts) for s in range(0, c, most)]

@@ -23,13 +23,18 @@ from .answers import extract_answer
 from .batching import (
     PER_IMAGE_KEYS,
     can_merge,
+    image_block_ids,
     is_per_token,
     left_pad,
     pack,
+    packed_may_attend,
+    packed_positions,
     position_ids,
     row_index,
     same_feature_shapes,
+    split_counts,
     stack_kwargs,
+    within_window,
 )
 from .config import RolloutConfig, TaskConfig
 from .screening import ImageEncodeError, Rejection, processor_reason
@@ -672,6 +677,113 @@ def _pad_completions(
     return comp.to(device), keep.to(device=device, dtype=torch.float32)
 
 
+# Completion tokens one packed row holds at most: a prompt with more is split over several rows
+# (its tokens run once per row). Attention over a packed row is quadratic in its width and
+# computes the masked-out pairs too, so this bounds that cost and the mask's memory.
+PACKED_ROW_TOKENS = 2048
+
+# Families whose token type ids mark image tokens that attend to each other both ways.
+IMAGE_BLOCK_MODELS = ("gemma3",)
+
+
+@dataclass(frozen=True)
+class PackedAttention:
+    """How a family's decoder takes the attention mask of a packed row (`_packed_logprobs`)."""
+
+    windows: dict[str, int | None] | None  # per layer type, its sliding window; None: one mask
+    image_blocks: bool  # token type 1 marks image tokens that attend both ways (Gemma3)
+    additive: torch.dtype | None  # eager attention adds a float mask; sdpa takes a boolean one
+
+
+def packed_attention(model: Any) -> PackedAttention | None:
+    """Can this model score a prompt and all its completions in one row, under a 4D mask?
+
+    transformers uses a 4D `attention_mask` as it is (sdpa: True may attend; eager: added to
+    the scores), and a dict of them keyed by layer type for models with sliding-window
+    layers (Gemma3). Not for: multimodal rope (Qwen-VL), decoders that take no position ids,
+    attention kernels that take no dense mask (flash), bidirectional or chunked attention,
+    one sliding window over every layer (Mistral), or token types of unknown meaning.
+    """
+    if not supports_shared_prefix(model) or not text_positions(model):
+        return None
+    base = hf_model(model)
+    text = base.config.get_text_config()
+    impl = getattr(text, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager") or getattr(text, "use_bidirectional_attention", False):
+        return None
+    types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if types is None and window is not None:
+        return None
+    kinds = set(types or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return None
+    windows = None
+    if "sliding_attention" in kinds:
+        windows = {"full_attention": None, "sliding_attention": window}
+    blocks = base.config.model_type in IMAGE_BLOCK_MODELS
+    if wants_token_type_ids(model) and not blocks:
+        return None
+    additive = base.get_input_embeddings().weight.dtype if impl == "eager" else None
+    return PackedAttention(windows, blocks, additive)
+
+
+def _packed_logprobs(
+    model: Any,
+    packing: PackedAttention,
+    encoded: list[Encoded],
+    counts: list[int],
+    comp: torch.Tensor,
+    cmask: torch.Tensor,
+    pad: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_logprobs` in one forward without repeating prompts: a row per prompt holds the
+    prompt once, then its completions' input tokens in slots (`ttrv.batching`). Logits are
+    kept for the prompt's last column (every completion's first token) and the slots only."""
+    device = comp.device
+    s = comp.shape[1] - 1  # slot width: a completion's tokens but its last
+    runs = split_counts(counts, max(1, PACKED_ROW_TOKENS // max(s, 1)))  # (prompt, rows)
+    k = max(n for _, n in runs)  # slots per packed row
+    prompt_of = [i for i, _ in runs]
+    ids = left_pad([encoded[i].input_ids for i in prompt_of], pad)  # [M, P]
+    mask = left_pad([encoded[i].attention_mask for i in prompt_of], 0)  # [M, P]
+    slot = [r * k + j for r, (_, n) in enumerate(runs) for j in range(n)]  # [R]: row, slot
+    slot_t = torch.tensor(slot, device=device)  # [R]
+    slots = torch.full((len(runs) * k, s), pad, dtype=comp.dtype, device=device)  # [M*K, S]
+    slots[slot_t] = comp[:, :-1]
+    kw = stack_kwargs([encoded[i].model_kwargs for i in prompt_of], range(len(runs)))
+    blocks = None
+    for key, value in list(kw.items()):
+        if is_per_token(key):  # token types: the completions are text, 0
+            if key == "token_type_ids" and packing.image_blocks:
+                blocks = image_block_ids(value)
+            kw[key] = torch.nn.functional.pad(value, (0, k * s))
+    positions = packed_positions(mask, k, s)  # [M, W]
+    may = packed_may_attend(mask, k, s, blocks)  # [M, W, W]
+    masks = {"full_attention": may}
+    if packing.windows is not None:
+        masks = {kind: may if w is None else within_window(may, positions, w)
+                 for kind, w in packing.windows.items()}  # fmt: skip
+    for kind, m in masks.items():  # [M, 1, W, W]
+        m = m[:, None]
+        if packing.additive is not None:
+            m = torch.zeros((), dtype=packing.additive, device=device).masked_fill(
+                ~m, torch.finfo(packing.additive).min
+            )
+        masks[kind] = m
+    attention = masks if packing.windows is not None else masks["full_attention"]
+    out = model(input_ids=torch.cat([ids, slots.view(len(runs), k * s)], 1),
+                attention_mask=attention, position_ids=positions, logits_to_keep=k * s + 1,
+                use_cache=False, **kw)  # fmt: skip
+    logp = torch.log_softmax(out.logits.float() / temperature, dim=-1)  # [M, 1 + K*S, V]
+    # token t of row r is predicted at kept column 0 (t = 0) or 1 + slot*S + t - 1
+    col = ((slot_t % k) * s)[:, None] + torch.arange(comp.shape[1], device=device)  # [R, T]
+    col[:, 0] = 0
+    logp = logp[(slot_t // k)[:, None], col, comp]  # [R, T]
+    return logp * cmask, cmask  # [R, T], [R, T]
+
+
 def batch_logprobs(
     model: Any,
     encoded: list[Encoded],
@@ -684,10 +796,12 @@ def batch_logprobs(
 
     `completions[i]` are continuations of `encoded[i]`; rows come out prompt by prompt:
     (logprobs [R, T], mask [R, T]). Prompts are left-padded into one batch. With
-    `shared_prefix` each prompt runs once and its KV cache (which carries the gradient of
-    the LoRA weights on the prompt) is repeated for its rows; otherwise each row is the
-    full prompt + completion sequence. Same numbers as `sequence_logprobs` per prompt
-    (tested per family); inputs that cannot be stacked are scored prompt by prompt.
+    `shared_prefix` each prompt runs once: in one packed row with its completions
+    (`packed_attention`), or, for families that cannot take a packed row's mask, run first
+    with its KV cache (which carries the gradient of the LoRA weights on the prompt)
+    repeated for its rows. Otherwise each row is the full prompt + completion sequence. Same
+    numbers as `sequence_logprobs` per prompt (tested per family); inputs that cannot be
+    stacked are scored prompt by prompt.
     """
     keep = [i for i, c in enumerate(completions) if c]
     encoded = [encoded[i] for i in keep]
@@ -702,6 +816,9 @@ def batch_logprobs(
     counts = [len(c) for c in completions]
     comp, cmask = _pad_completions([c for cs in completions for c in cs], pad, device)
     t = comp.shape[1]
+    packing = packed_attention(model) if shared_prefix else None
+    if packing is not None:
+        return _packed_logprobs(model, packing, encoded, counts, comp, cmask, pad, temperature)
     ids = left_pad([e.input_ids for e in encoded], pad)  # [M, P]
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
     rows = row_index(counts, device)  # [R]
