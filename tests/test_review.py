@@ -126,6 +126,12 @@ def test_forecast_outlooks():
     assert agree.consensus == pytest.approx(0.75)
     mixed = forecast(["A", "B"] * 5, [["A", "A", "B", "B"], ["A", "A", "A", "B"]] * 5)
     assert mixed.outlook == "risky" and "Not likely to help" in mixed.message
+    # Mostly invalid whether greedy or sampled: the wording, not adaptation, is the fix
+    # (said, not counted as agreement: the few valid votes agree with nothing).
+    wrong = forecast([INVALID] * 8 + ["A", "B"], [[INVALID, INVALID, INVALID, "A"]] * 10)
+    assert wrong.outlook == "no_format" and "rarely answers this prompt" in wrong.message
+    assert "invalid on 80% of 10 images, 75% of sampled answers invalid" in wrong.message
+    assert "Task tab" in wrong.message
     assert forecast([], []).images == 0
     with pytest.raises(ValueError):
         forecast(["A"], [])

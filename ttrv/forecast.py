@@ -6,6 +6,9 @@ readings of the unadapted model tell most of the story (docs/benchmark.md):
 - format failure: greedy output invalid on many images while sampled answers are mostly
   valid. Adaptation teaches the format the samples already hold, and that is where the
   large gains are (+40 to +53 points on the off-format digits model);
+- no format: greedy and sampled answers mostly invalid alike. There is no format in the
+  samples to teach and too few valid answers per image to vote on; the prompt's wording is
+  the first thing to check;
 - agreement: when the greedy answer already is the vote on nearly every image, there is
   little to gain and sharpening the model's preferences risks reinforcing its biases;
 - otherwise adaptation moves the images where greedy and the vote disagree towards the
@@ -34,7 +37,7 @@ AGREEMENT_HIGH = 0.9
 
 @dataclass
 class Forecast:
-    outlook: str  # "likely_help" | "little_gain" | "risky"
+    outlook: str  # "likely_help" | "no_format" | "little_gain" | "risky"
     message: str  # one line for the Adapt tab and the CLI
     images: int
     greedy_invalid: float  # share of images whose greedy answer is invalid
@@ -95,6 +98,19 @@ def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecas
             f"Likely to help: greedy output is invalid on {greedy_invalid:.0%} of {n} images "
             f"while {1 - sampled_invalid:.0%} of sampled answers are valid; adaptation "
             "teaches the format the samples already hold.",
+            *stats,
+        )
+    if greedy_invalid >= FORMAT_GREEDY_INVALID:
+        # Mostly invalid, greedy and sampled alike: no format held in the samples to teach,
+        # and the few valid answers each image gets are too few to vote on.
+        return Forecast(
+            "no_format",
+            f"Not likely to help: the model rarely answers this prompt in the expected "
+            f"format (greedy output invalid on {greedy_invalid:.0%} of {n} images, "
+            f"{sampled_invalid:.0%} of sampled answers invalid too), so adaptation has "
+            "little valid to learn from. Check the wording first: preview the prompt "
+            "(Task tab: question, template, options), try Ask on one image, or pick a model "
+            "that answers in this format.",
             *stats,
         )
     if agree >= AGREEMENT_HIGH:
