@@ -81,3 +81,16 @@ def test_empty_image_set_is_a_clear_error(tmp_path):
     proc = run("adapt", str(empty), "--out", str(tmp_path / "x"))
     assert proc.returncode == 1
     assert "no usable images" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_cli_warns_when_the_digits_model_is_asked_other_wording(tmp_path, capsys):
+    """The app's note on other wording is printed by the CLI too (before any model loads:
+    here the only image is missing, so the command stops right after)."""
+    from ttrv.cli import main
+
+    missing = str(tmp_path / "none.png")
+    assert main(["answer", missing, "--question", "What number is this?"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: The digits model was trained on the question" in err
+    assert main(["answer", missing]) == 1  # the trained wording: no warning
+    assert "warning: The digits model" not in capsys.readouterr().err

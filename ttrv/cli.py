@@ -152,6 +152,14 @@ def _load_items(paths: list[str], labels: Path | None) -> list[Any]:
     return items
 
 
+def _warn_task(cfg: AdaptConfig) -> None:
+    """The app's notes on asking this model this task (`ttrv.digits.task_notes`)."""
+    from .digits import task_notes
+
+    for note in task_notes(cfg.model.model, cfg.task):
+        print(f"warning: {note}", file=sys.stderr)
+
+
 def _progress(total: int):
     """A sink that prints one line per step with rate and ETA."""
     start = time.perf_counter()
@@ -285,6 +293,7 @@ def _adapt_in_group(
     # The main process's folder name for all: a default name is the time, which can differ.
     out = dist.broadcast(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if dist.is_main:  # only the main process writes: the folder, events, store, adapter
+        _warn_task(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -433,6 +442,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from .images import ImageError
 
     cfg = config_from_args(args)
+    _warn_task(cfg)
     try:
         items = _load_items(args.images, args.labels)
     except ImageError as e:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import random
 from functools import lru_cache
+from pathlib import Path
 
 from PIL import Image
 
+from .config import BUNDLED_MODEL, TaskConfig
 from .tasks import Item, image_sha256
 
 SPLIT_SIZES = {"train": 900, "val": 100, "test": 797}  # sums to the 1,797 images
 IMAGE_SIZE = 32  # side of the images in the split (pixels)
 DIGITS = [str(d) for d in range(10)]
 MC_QUESTION = "Which digit is shown?"  # the question of the multiple-choice protocol
+DIGITS_PREFIX = Path(BUNDLED_MODEL).name  # the bundled model and its siblings (-offformat)'
 
 
 def digit_image(pixels, size: int = IMAGE_SIZE) -> Image.Image:
@@ -173,3 +176,27 @@ def unlike_training_digits(image: Image.Image, size: tuple[int, int] | None = No
     if float(border.mean()) < MIN_BACKGROUND:
         reasons.append("dark background")
     return reasons
+
+
+def is_digits_model(model: str) -> bool:
+    """The bundled model or a sibling checkpoint trained on the same 8x8 digits."""
+    return bool(model) and Path(model).expanduser().name.startswith(DIGITS_PREFIX)
+
+
+def task_notes(model: str, task: TaskConfig) -> list[str]:
+    """Warnings (not errors) about asking this model this task: the digits models know
+    only the prompts they were trained on. Shown by the app before Start and by the CLI."""
+    if not is_digits_model(model):
+        return []
+    trained = {"open": TaskConfig().question, "multiple_choice": MC_QUESTION}
+    if task.kind not in trained:
+        return [
+            f"The digits model was trained on open and multiple-choice prompts only; a "
+            f"{task.kind.replace('_', ' ')} task gets digit-like answers or junk."
+        ]
+    if task.question.strip() != trained[task.kind]:
+        return [
+            f"The digits model was trained on the question {trained[task.kind]!r} for this "
+            "task kind; other wording gets digit-like answers or junk."
+        ]
+    return []

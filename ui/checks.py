@@ -9,11 +9,11 @@ import os
 import re
 from pathlib import Path
 
-from ttrv.config import ModelConfig, TaskConfig
-from ttrv.digits import MC_QUESTION
+from ttrv.config import ModelConfig
+from ttrv.digits import task_notes
 from ttrv.model_check import check_folder
 
-from .model_card import cached_snapshot, is_digits_model
+from .model_card import cached_snapshot
 
 # huggingface_hub's repo id rule: [namespace/]name, letters, digits, "-", "_", ".".
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -78,20 +78,4 @@ def check_devices(cfg: ModelConfig, gpus_here: int | None = None) -> str:
     return ""
 
 
-def task_notes(model: str, task: TaskConfig) -> list[str]:
-    """Warnings (not errors) about asking this model this task: the digits model knows
-    only the prompts it was trained on."""
-    if not is_digits_model(model):
-        return []
-    trained = {"open": TaskConfig().question, "multiple_choice": MC_QUESTION}
-    if task.kind not in trained:
-        return [
-            f"The digits model was trained on open and multiple-choice prompts only; a "
-            f"{task.kind.replace('_', ' ')} task gets digit-like answers or junk."
-        ]
-    if task.question.strip() != trained[task.kind]:
-        return [
-            f"The digits model was trained on the question {trained[task.kind]!r} for this "
-            "task kind; other wording gets digit-like answers or junk."
-        ]
-    return []
+__all__ = ["check_devices", "check_model", "hub_offline", "task_notes"]

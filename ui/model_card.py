@@ -15,11 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from ttrv.config import BUNDLED_MODEL
-from ttrv.digits import unlike_training_digits
+from ttrv.digits import is_digits_model, unlike_training_digits
 
 # Checkpoints trained on the 8x8 digits only (the bundled model and its siblings in models/).
-DIGITS_PREFIX = Path(BUNDLED_MODEL).name
 MAX_NUMBERS = 4  # accuracy rows shown from a card's tables
 MAX_NAMED = 4  # images named in the domain warning
 
@@ -108,11 +106,6 @@ def card_markdown(model: str) -> str:
             "Measured: " + " · ".join(f"{m} **{v}**" for m, v in s["numbers"][:MAX_NUMBERS])
         )
     return "\n\n".join(parts)
-
-
-def is_digits_model(model: str) -> bool:
-    """The bundled model or a sibling checkpoint trained on the same 8x8 digits."""
-    return bool(model) and Path(model).expanduser().name.startswith(DIGITS_PREFIX)
 
 
 def unlike_reasons(d: dict[str, Any]) -> list[str]:
