@@ -298,3 +298,34 @@ def test_learning_rate_follows_the_schedule_per_step(tiny_model_dir):
     expected = [cfg.optim.learning_rate * lr_factor(s, total, 2, "cosine") for s in range(total)]
     assert [r.lr for r in result.history] == pytest.approx(expected)
     assert expected[0] < expected[1] and expected[-1] < expected[1]  # warm-up, then decay
+
+
+def _noise_one_position(keys, position, vocab):
+    """Keyed Gumbel noise exactly as first written (c294705), one position per call."""
+    from ttrv.rollout import _M32, _mix32
+
+    step = (keys[:, 1] + position * 0x9E3779B9) & _M32
+    h = _mix32(keys[:, 0] ^ _mix32(step))
+    bits = _mix32(_mix32(h[:, None] ^ vocab[None, :]))
+    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    return -torch.log(-torch.log(u))
+
+
+@pytest.mark.parametrize("elements", [1, 3 * 6 * 37, 2**22])
+def test_keyed_noise_drawn_in_blocks_is_bit_identical(monkeypatch, elements):
+    """Guards keyed sampling's promise (the same tokens whatever shares the call, and from
+    run to run) against the block-wise noise draw: one, three or all positions per draw,
+    row states recomputed past their block, must add the very same bits to the scores as
+    the per-position formula."""
+    from ttrv import rollout
+    from ttrv.rollout import KeyedSampler, hashed_vocab, row_keys
+
+    monkeypatch.setattr(rollout, "NOISE_ELEMENTS", elements)
+    monkeypatch.setattr(rollout, "STATE_POSITIONS", 4)
+    keys = row_keys("3:1", "img", range(6))  # [6, 2]
+    sampler = KeyedSampler(keys, 0.7, 1.0)
+    scores = torch.randn(6, 37)
+    vocab = hashed_vocab(37, torch.device("cpu"))
+    for t in range(11):  # a prompt of width 5, then one token per call
+        got = sampler(torch.zeros(6, 5 + t, dtype=torch.long), scores)
+        assert torch.equal(got, scores / 0.7 + _noise_one_position(keys, t, vocab)), t

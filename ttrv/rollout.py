@@ -238,14 +238,35 @@ def hashed_vocab(size: int, device: torch.device) -> torch.Tensor:
     return _mix32(torch.arange(size, device=device))
 
 
+def row_states(keys: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """The rows' hashed states [count, R] at generated positions start..start+count-1, from
+    their keys [R, 2]: a fresh stream per position."""
+    step = torch.arange(start, start + count, device=keys.device) * 0x9E3779B9  # [C]
+    step = (keys[None, :, 1] + step[:, None]) & _M32  # [C, R]
+    return _mix32(keys[None, :, 0] ^ _mix32(step))  # [C, R]
+
+
+def state_noise(states: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [..., R, V] from row states [..., R] (`row_states`) over the hashed token
+    ids `vocab` [V] (`hashed_vocab`)."""
+    bits = _mix32(_mix32(states[..., None] ^ vocab))  # [..., R, V]
+    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1), exact in float32
+    return -torch.log(-torch.log(u))
+
+
 def gumbel_noise(keys: torch.Tensor, position: int, vocab: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [R, V] for the rows' keys [R, 2] at one generated position, over the
     hashed token ids `vocab` [V] (`hashed_vocab`)."""
-    step = (keys[:, 1] + position * 0x9E3779B9) & _M32  # [R]: a fresh stream per position
-    h = _mix32(keys[:, 0] ^ _mix32(step))  # [R]
-    bits = _mix32(_mix32(h[:, None] ^ vocab[None, :]))  # [R, V]
-    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # [R, V] in (0, 1), exact in float32
-    return -torch.log(-torch.log(u))
+    return state_noise(row_states(keys, position, 1)[0], vocab)
+
+
+# Keyed noise is drawn for several positions at once, up to this many elements (16 MB of
+# float32 noise; the hash's int64 intermediates are briefly a few times that): a bundled-size
+# vocabulary draws every position of a call in one go, a 150k vocabulary one position at a
+# time. Row states are computed for STATE_POSITIONS positions at once. Elementwise either
+# way, so the same bits as one position at a time (tested).
+NOISE_ELEMENTS = 2**22
+STATE_POSITIONS = 1024
 
 
 class KeyedSampler:
@@ -263,6 +284,10 @@ class KeyedSampler:
             self.top_p = TopPLogitsWarper(top_p)
         self.start: int | None = None  # input width at the first generated token
         self.vocab: torch.Tensor | None = None
+        self.states = torch.empty(0, 0, dtype=torch.int64)  # [C, R] from position states_at
+        self.states_at = 0
+        self.noise = torch.empty(0, 0, 0)  # [B, R, V] from position noise_at
+        self.noise_at = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.start is None:  # positions count from the first generated token, so left
@@ -272,8 +297,19 @@ class KeyedSampler:
         scores = scores / self.temperature  # [R, V]
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)
-        noise = gumbel_noise(self.keys, input_ids.shape[1] - self.start, self.vocab)
-        return scores + noise.to(scores.dtype)
+        return scores + self._noise(input_ids.shape[1] - self.start, scores)
+
+    def _noise(self, position: int, scores: torch.Tensor) -> torch.Tensor:
+        """Noise [R, V] at `position`, from the block drawn last or a new one from here."""
+        if not self.noise_at <= position < self.noise_at + len(self.noise):
+            count = max(1, NOISE_ELEMENTS // scores.numel())
+            at = position - self.states_at
+            if at < 0 or at + count > len(self.states):
+                self.states = row_states(self.keys, position, max(count, STATE_POSITIONS))
+                self.states_at, at = position, 0
+            self.noise = state_noise(self.states[at : at + count], self.vocab).to(scores.dtype)
+            self.noise_at = position
+        return self.noise[position - self.noise_at]
 
 
 def keyed_kwargs(gen_kwargs: dict[str, Any], keys: torch.Tensor) -> dict[str, Any]:
