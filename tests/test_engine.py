@@ -316,16 +316,17 @@ def test_keyed_noise_drawn_in_blocks_is_bit_identical(monkeypatch, elements):
     """Guards keyed sampling's promise (the same tokens whatever shares the call, and from
     run to run) against the block-wise noise draw: one, three or all positions per draw,
     row states recomputed past their block, must add the very same bits to the scores as
-    the per-position formula."""
+    the per-position formula, and draw nothing past the last position of the call."""
     from ttrv import rollout
     from ttrv.rollout import KeyedSampler, hashed_vocab, row_keys
 
     monkeypatch.setattr(rollout, "NOISE_ELEMENTS", elements)
     monkeypatch.setattr(rollout, "STATE_POSITIONS", 4)
     keys = row_keys("3:1", "img", range(6))  # [6, 2]
-    sampler = KeyedSampler(keys, 0.7, 1.0)
+    sampler = KeyedSampler(keys, 0.7, 1.0, positions=11)
     scores = torch.randn(6, 37)
     vocab = hashed_vocab(37, torch.device("cpu"))
     for t in range(11):  # a prompt of width 5, then one token per call
         got = sampler(torch.zeros(6, 5 + t, dtype=torch.long), scores)
         assert torch.equal(got, scores / 0.7 + _noise_one_position(keys, t, vocab)), t
+    assert sampler.noise_at + len(sampler.noise) <= 11  # never drawn past the call's end

@@ -260,11 +260,11 @@ def gumbel_noise(keys: torch.Tensor, position: int, vocab: torch.Tensor) -> torc
     return state_noise(row_states(keys, position, 1)[0], vocab)
 
 
-# Keyed noise is drawn for several positions at once, up to this many elements (16 MB of
-# float32 noise; the hash's int64 intermediates are briefly a few times that): a bundled-size
-# vocabulary draws every position of a call in one go, a 150k vocabulary one position at a
-# time. Row states are computed for STATE_POSITIONS positions at once. Elementwise either
-# way, so the same bits as one position at a time (tested).
+# Keyed noise is drawn for several positions at once (never past the call's last one), up to
+# this many elements (16 MB of float32 noise; the hash's int64 intermediates are briefly a
+# few times that): a bundled-size vocabulary draws every position of a call in one go, a 150k
+# vocabulary one position at a time. Row states are computed for STATE_POSITIONS positions at
+# once. Elementwise either way, so the same bits as one position at a time (tested).
 NOISE_ELEMENTS = 2**22
 STATE_POSITIONS = 1024
 
@@ -272,10 +272,15 @@ STATE_POSITIONS = 1024
 class KeyedSampler:
     """A logits processor that makes greedy decoding sample: temperature, then top-p (as
     transformers' warpers do), then Gumbel noise keyed per row. Runs after generate's own
-    processors, so suppressed tokens (-inf) stay suppressed."""
+    processors, so suppressed tokens (-inf) stay suppressed. `positions`: how many tokens
+    the call generates at most (noise is drawn that far ahead; None: one position at a
+    time)."""
 
-    def __init__(self, keys: torch.Tensor, temperature: float, top_p: float) -> None:
+    def __init__(
+        self, keys: torch.Tensor, temperature: float, top_p: float, positions: int | None = None
+    ) -> None:
         self.keys = keys  # [R, 2]
+        self.positions = positions
         self.temperature = temperature
         self.top_p = None
         if top_p < 1.0:  # built once, not at every generated token
@@ -302,7 +307,9 @@ class KeyedSampler:
     def _noise(self, position: int, scores: torch.Tensor) -> torch.Tensor:
         """Noise [R, V] at `position`, from the block drawn last or a new one from here."""
         if not self.noise_at <= position < self.noise_at + len(self.noise):
-            count = max(1, NOISE_ELEMENTS // scores.numel())
+            count = 1
+            if self.positions is not None:
+                count = max(1, min(NOISE_ELEMENTS // scores.numel(), self.positions - position))
             at = position - self.states_at
             if at < 0 or at + count > len(self.states):
                 self.states = row_states(self.keys, position, max(count, STATE_POSITIONS))
@@ -318,7 +325,9 @@ def keyed_kwargs(gen_kwargs: dict[str, Any], keys: torch.Tensor) -> dict[str, An
     from transformers import LogitsProcessorList
 
     kwargs = dict(gen_kwargs)
-    sampler = KeyedSampler(keys, kwargs.pop("temperature"), kwargs.pop("top_p"))
+    sampler = KeyedSampler(
+        keys, kwargs.pop("temperature"), kwargs.pop("top_p"), kwargs.get("max_new_tokens")
+    )
     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
                   logits_processor=LogitsProcessorList([sampler]))  # fmt: skip
     return kwargs
