@@ -94,3 +94,28 @@ def test_cli_warns_when_the_digits_model_is_asked_other_wording(tmp_path, capsys
     assert "warning: The digits model was trained on the question" in err
     assert main(["answer", missing]) == 1  # the trained wording: no warning
     assert "warning: The digits model" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_with_its_own_settings(tiny_model_dir, images, tmp_path, capsys):
+    """`adapt IMAGES --resume CKPT` alone continues the run it belongs to: its model, task
+    and settings from the run's config.json (not the defaults: the bundled model would not
+    even take this adapter), in its own folder; a flag given now overrides one setting
+    and is said."""
+    from ttrv.cli import main
+
+    out = tmp_path / "run"
+    assert main(["adapt", str(images), "--model", str(tiny_model_dir("llava")), "--out", str(out),
+                 "--kind", "multiple_choice", "--options", "cat,dog,bird", "--n-rollouts", "4",
+                 "--n-train", "2", "--max-new-tokens", "3", "--images-per-step", "2",
+                 "--rounds", "1", "--reward", "random"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["adapt", str(images), "--resume", str(out / "checkpoints" / "round-1"),
+                 "--rounds", "2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: resuming with optim.rounds = 2 (the run had 1)" in err
+    assert err.count("warning: resuming") == 1  # nothing else differs
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["rounds"] == 2 and config["task"]["options"] == "cat,dog,bird"
+    steps = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in steps if e["kind"] == "step"] == [0, 1, 2, 3]

@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import SECTIONS, AdaptConfig, ConfigError, convert_value, field_choices, field_type
+from .config import (
+    SECTIONS,
+    AdaptConfig,
+    ConfigError,
+    config_diff,
+    convert_value,
+    field_choices,
+    field_type,
+)
 
 # Field names shared by several sections get the section as a prefix (--lora-alpha).
 _ALL_NAMES = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
@@ -228,8 +236,18 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.session:
         return _adapt_session(args, argv)
-    base = json.loads(args.config.read_text()) if args.config else None
+    # A resumed run continues with its own settings (its output folder's config.json),
+    # not the defaults; flags given now override them, and each change is said.
+    saved = _run_config(args.resume) if args.resume else None
+    base = json.loads(args.config.read_text()) if args.config else saved
     cfg = config_from_args(args, base)
+    if saved is not None:
+        if args.out is None:  # the same folder: its checkpoints, events and adapter
+            args.out = Path(args.resume).resolve().parent.parent
+        run = AdaptConfig.from_dict(saved).to_dict()  # an older run's file, completed
+        for d in config_diff(run, cfg.to_dict()):
+            print(f"warning: resuming with {d['key']} = {d['b']!r} (the run had {d['a']!r})",
+                  file=sys.stderr)  # fmt: skip
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
     if cfg.model.data_parallel() > 1 and not launched():
@@ -241,6 +259,15 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
     # their group, before the model is loaded onto this process's device).
     dist = current()
     return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
+
+
+def _run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config.json of the run a checkpoint (`<out>/checkpoints/<tag>`) belongs to."""
+    path = Path(checkpoint).resolve().parent.parent / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:

@@ -702,3 +702,14 @@ def field_choices(cls: type, name: str) -> tuple[str, ...] | None:
 def field_type(cls: type, name: str) -> type:
     hint = typing.get_type_hints(cls)[name]
     return str if typing.get_origin(hint) is Literal else hint
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """Where two configs (nested dicts, e.g. `AdaptConfig.to_dict()`) differ:
+    [{"key": "optim.rounds", "a": 2, "b": 3}], keys in a's order then b's new ones."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [{"key": prefix.rstrip("."), "a": a, "b": b}]

@@ -10,6 +10,8 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ttrv.config import config_diff
+
 from ..schema import StoreError
 from .base import StoreBase, query_rows
 from .tables import now, parse_json_columns, to_json
@@ -475,7 +477,7 @@ class ReadModels(StoreBase):
                            "a": row_a, "b": row_b})  # fmt: skip
         return {
             **sessions,
-            "config_diff": _diff(sessions["a"]["config"], sessions["b"]["config"]),
+            "config_diff": config_diff(sessions["a"]["config"], sessions["b"]["config"]),
             "shared": len(pairs),
             "differing": sum(not p[0] for p in pairs),
             "images": shared,
@@ -492,12 +494,3 @@ class ReadModels(StoreBase):
             self.session_row(db, session_id)
             rows = query_rows(db, sql + " ORDER BY id", params)
         return [parse_json_columns("events", r) for r in rows]
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[dict[str, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in list(a) + [k for k in b if k not in a]:
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [{"key": prefix.rstrip("."), "a": a, "b": b}]
