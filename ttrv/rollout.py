@@ -307,12 +307,15 @@ class KeyedSampler:
     def _noise(self, position: int, scores: torch.Tensor) -> torch.Tensor:
         """Noise [R, V] at `position`, from the block drawn last or a new one from here."""
         if not self.noise_at <= position < self.noise_at + len(self.noise):
-            count = 1
+            count, ahead = 1, STATE_POSITIONS
             if self.positions is not None:
-                count = max(1, min(NOISE_ELEMENTS // scores.numel(), self.positions - position))
+                ahead = max(1, self.positions - position)
+                count = max(1, min(NOISE_ELEMENTS // scores.numel(), ahead))
             at = position - self.states_at
             if at < 0 or at + count > len(self.states):
-                self.states = row_states(self.keys, position, max(count, STATE_POSITIONS))
+                self.states = row_states(
+                    self.keys, position, max(count, min(ahead, STATE_POSITIONS))
+                )
                 self.states_at, at = position, 0
             self.noise = state_noise(self.states[at : at + count], self.vocab).to(scores.dtype)
             self.noise_at = position
