@@ -117,5 +117,7 @@ def test_resume_continues_the_run_with_its_own_settings(tiny_model_dir, images, 
     assert err.count("warning: resuming") == 1  # nothing else differs
     config = json.loads((out / "config.json").read_text())
     assert config["optim"]["rounds"] == 2 and config["task"]["options"] == "cat,dog,bird"
-    steps = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in steps if e["kind"] == "step"] == [0, 1, 2, 3]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "step"] == [0, 1, 2, 3]
+    warnings = [e["message"] for e in events if e["kind"] == "warning"]
+    assert "resuming with optim.rounds = 2 (the run had 1)" in warnings

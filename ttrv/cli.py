@@ -245,9 +245,10 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
         if args.out is None:  # the same folder: its checkpoints, events and adapter
             args.out = Path(args.resume).resolve().parent.parent
         run = AdaptConfig.from_dict(saved).to_dict()  # an older run's file, completed
-        for d in config_diff(run, cfg.to_dict()):
-            print(f"warning: resuming with {d['key']} = {d['b']!r} (the run had {d['a']!r})",
-                  file=sys.stderr)  # fmt: skip
+        args.notes = [f"resuming with {d['key']} = {d['b']!r} (the run had {d['a']!r})"
+                      for d in config_diff(run, cfg.to_dict())]  # fmt: skip
+        for note in args.notes:
+            print(f"warning: {note}", file=sys.stderr)
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
     if cfg.model.data_parallel() > 1 and not launched():
@@ -370,6 +371,9 @@ def _adapt_recorded(
         if dist.is_main:
             jsonl = JsonlSink(out / "events.jsonl")
             sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
+            for note in getattr(args, "notes", ()):  # kept with the run (and its session)
+                jsonl("warning", {"message": note})
+                recorder.sink("warning", {"message": note})
         result = adapt(
             loaded, items, cfg, sink, recorder.stop_requested, output_dir=out,
             resume_from=args.resume, dist=dist,
