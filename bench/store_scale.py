@@ -283,6 +283,11 @@ def reads(store: Any, ids: dict[str, str], tmp: Path) -> list[tuple[str, Callabl
     named = [
         ("Sessions: list_sessions", lambda: store.list_sessions()),
         ("header: get_session(A)", lambda: store.get_session(a)),
+        *(
+            [("tick: session_state(A)", lambda: store.session_state(a))]
+            if hasattr(store, "session_state")
+            else []
+        ),  # fmt: skip
         ("curves: metrics(A)", lambda: store.metrics(a)),
         ("progress: converged_images(A)", lambda: store.converged_images(a)),
         ("events(A)", lambda: store.events(a)),

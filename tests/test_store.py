@@ -394,3 +394,19 @@ def test_importing_sessions_stays_light():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_session_state_is_the_ticks_cheap_fingerprint(store, session):
+    """It changes when a step is recorded and when the status changes, and only then; and
+    it agrees with the full read's numbers."""
+    sid, _ = session
+    first = store.session_state(sid)
+    assert first == store.session_state(sid) and first[1] == "queued" and first[3] == 0
+    store.sink(sid)("step", step_record(0))
+    after_step = store.session_state(sid)
+    assert after_step[3] == 1 == store.get_session(sid)["headline"]["steps"]
+    store.set_status(sid, "running")
+    running = store.session_state(sid)
+    assert running[1] == "running" and running != after_step
+    with pytest.raises(StoreError):
+        store.session_state("no-such-session")

@@ -260,14 +260,14 @@ def build(ctx: Context) -> dict[str, Any]:
             return (empty, None, header_text(ctx.store, None), None, gr.skip(), "", "",
                     *lock({}, False, last))  # fmt: skip
         try:
+            fingerprint = ctx.store.session_state(sid)  # cheap: no per-image aggregate
+            active = fingerprint[1] in ACTIVE
+            if fingerprint == last and not active:
+                return (gr.skip(),) * 7 + tuple(skip_forms)
             session = ctx.store.get_session(sid)
         except Exception as exc:  # noqa: BLE001 - deleted meanwhile, or a locked store
             return (error(str(exc)), gr.skip(), header_text(ctx.store, None), None, gr.skip(),
                     "", gr.skip(), *skip_forms)  # fmt: skip
-        fingerprint = [sid, session["status"], session["updated"], session["headline"]["steps"]]
-        active = session["status"] in ACTIVE
-        if fingerprint == last and not active:
-            return (gr.skip(),) * 7 + tuple(skip_forms)
         steps = ctx.store.metrics(sid)
         converged = ctx.store.converged_images(sid) if steps else {}
         p = charts.progress(steps, session["config"], session["headline"]["images"],

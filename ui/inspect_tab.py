@@ -280,10 +280,9 @@ def build(ctx: Context) -> dict[str, Any]:
         if not sid:
             return skip
         try:
-            session = ctx.store.get_session(sid)
+            fingerprint = ctx.store.session_state(sid)  # cheap: no per-image aggregate
         except Exception:  # noqa: BLE001 - deleted meanwhile: the next session change redraws
             return skip
-        fingerprint = [sid, session["status"], session["updated"], session["headline"]["steps"]]
         if fingerprint == last:
             return skip
         overview_parts = refresh(sid, filt, current, answer, label)

@@ -208,6 +208,17 @@ class Sessions(StoreBase):
             row["headline"] = headline(db, session_id)
         return row
 
+    def session_state(self, session_id: str) -> list[Any]:
+        """[id, status, updated, steps]: what changes while a session runs, read without the
+        headline's per-image aggregate, for the UI's ticks (a fingerprint: redraw when it
+        changes)."""
+        with self.snapshot("reading a session's state") as db:
+            row = self.session_row(db, session_id)
+            steps = db.execute(
+                "SELECT count(*) FROM steps WHERE session_id = ?", [session_id]
+            ).fetchone()[0]
+        return [session_id, row["status"], row["updated"], steps]
+
     def list_sessions(self) -> list[dict[str, Any]]:
         """Every session, newest first, without its config: id, name, created, updated,
         model, task_kind, status, reason, error, and `headline` (see `headline`)."""
