@@ -36,10 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # Weights of a P-process run against one process's, after the same 2 steps at lr 0.05 (the
 # weights reach ~0.14). Not bitwise: each process's forward covers its own images (other
 # padding, other summation order) and gradients are summed over processes, so they differ
-# by float rounding (~1e-7 relative); Adam divides by the gradient's own size, so where a
-# gradient is near zero that rounding shows in the update. Measured: at most 1.0e-5, with
-# 10 of 16,384 weights beyond 1e-6 (3 processes); 2.9e-6 and 5 with 2.
-WEIGHT_ATOL = 5e-5  # 1e-3 of the learning rate
+# by float rounding (~1e-7 absolute, ~1e-6 relative: measured). Adam divides by the
+# gradient's own size, so where a gradient is itself at rounding level (< 1e-7) that
+# rounding decides a visible part of the update. Measured: in-process groups at most
+# 1.0e-5 (10 of 16,384 weights beyond 1e-6 with 3 processes); the CLI under accelerate
+# (other images, the packed training forward) 7.0e-4, in 7 weights whose gradients were
+# below 1e-7. So the bound on the worst weight is loose (4% of the learning rate) and
+# the share of weights that may differ at all is tight: a lost or doubled gradient
+# share would move most weights by about the learning rate.
+WEIGHT_ATOL = 2e-3
 WEIGHT_SHARE_ABOVE_1E6 = 0.005  # at most this share of weights may differ by more than 1e-6
 
 
