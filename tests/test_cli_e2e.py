@@ -121,3 +121,19 @@ def test_resume_continues_the_run_with_its_own_settings(tiny_model_dir, images, 
     assert [e["step"] for e in events if e["kind"] == "step"] == [0, 1, 2, 3]
     warnings = [e["message"] for e in events if e["kind"] == "warning"]
     assert "resuming with optim.rounds = 2 (the run had 1)" in warnings
+
+
+def test_run_summary_says_in_words_how_it_ended_and_what_was_kept(tmp_path):
+    from ttrv.cli import _summary_text
+
+    base = {"steps": 6, "changed": 0, "images": 24, "accuracy_before": None, "review": None,
+            "rolled_back_to": None}  # fmt: skip
+    done = _summary_text({**base, "status": "done", "reason": "all rounds finished"}, tmp_path)
+    assert done.startswith("finished after 6 steps: all rounds finished") and "kept:" not in done
+    reason = "invalid answers rose from 12% to 36%. Rolled back to the unadapted model."
+    tripped = {**base, "status": "guard_stopped", "reason": reason, "rolled_back_to": 0}
+    text = _summary_text(tripped, tmp_path)
+    assert text.startswith(f"rolled back by the guard after 6 steps: {reason}")
+    assert "kept: nothing - the saved adapter answers as the unadapted model" in text
+    partial = _summary_text({**tripped, "rolled_back_to": 4}, tmp_path)
+    assert "kept: the weights after step 4" in partial

@@ -308,6 +308,11 @@ def test_start_checks_the_devices_and_says_where_the_run_goes():
     )
     with pytest.raises(ValueError, match="GPU 3 is not on this machine"):
         check_devices(ModelConfig(gpus="3"), gpus_here=2)
+    # device cuda on a machine without one: refused before a session exists
+    with pytest.raises(ValueError, match="device is cuda but this machine has no CUDA GPU"):
+        check_devices(ModelConfig(device="cuda", processes=2), gpus_here=0)
+    assert check_devices(ModelConfig(processes=2), gpus_here=0).endswith("on the CPU")
+    assert check_devices(ModelConfig(processes=2), gpus_here=4).endswith("first 2 GPUs")
 
 
 def test_model_tab_lists_this_machines_devices_and_where_a_split_model_sits():

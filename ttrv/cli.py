@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- commands ------------------------------------------------------------------------------
 
 
-def _load_items(paths: list[str], labels: Path | None) -> list[Any]:
+def _load_items(paths: list[str], labels: Path | None, quiet: bool = False) -> list[Any]:
     from .images import load_items
 
     if not paths:
@@ -155,7 +155,7 @@ def _load_items(paths: list[str], labels: Path | None) -> list[Any]:
         if labels is None and (demo / "labels.csv").exists():
             labels = demo / "labels.csv"
     items, warnings = load_items(paths, labels_csv=labels)
-    for w in warnings:
+    for w in warnings if not quiet else ():  # once, not once per process
         print(f"warning: {w}", file=sys.stderr)
     return items
 
@@ -251,14 +251,16 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"warning: {note}", file=sys.stderr)
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
+    if not launched():  # GPUs this machine lacks: said before images are read or launched
+        from .placement import check_gpus
+
+        check_gpus(cfg.model)
     if cfg.model.data_parallel() > 1 and not launched():
         return _relaunch(cfg, argv)
-    items = _load_items(args.images, args.labels)
+    dist = current()  # joins the launcher's group, if any, before the model is loaded
+    items = _load_items(args.images, args.labels, quiet=not dist.is_main)
     if args.review and not any(it.label is not None for it in items):
         raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
-    # One process unless started by `accelerate launch` with several (then this joins
-    # their group, before the model is loaded onto this process's device).
-    dist = current()
     return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
 
 
@@ -353,6 +355,10 @@ def _adapt_recorded(
     from .loading import load_model
     from .lora import attach_lora, save_adapter
 
+    if not dist.is_main:  # the main process shows progress; the others stay quiet
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     recorder: Any = _Unrecorded()
     if runs is not None:
         # The session first: a resume into a session that is still running elsewhere is
@@ -404,7 +410,8 @@ def _adapt_recorded(
         "images": len(items),
         "adapter": str(adapter),
         "watch_pool": len(result.split.watch) if result.split else 0,
-        "rollback_target": result.target_step if result.status == "guard_stopped" else None,
+        # the step whose weights a guard trip restored (0: the unadapted model), else null
+        "rolled_back_to": result.target_step if result.status == "guard_stopped" else None,
         "review": review,
         # a reverted run answers as before adaptation
         "accuracy_final": (
@@ -447,10 +454,17 @@ def play_review(
 
 
 def _summary_text(s: dict[str, Any], out: Path) -> str:
-    lines = [
-        f"{s['status']}: {s['reason']} after {s['steps']} steps",
-        f"{s['changed']} of {s['images']} greedy answers changed",
-    ]
+    ended = {"done": "finished", "guard_stopped": "rolled back by the guard"}
+    lines = [f"{ended.get(s['status'], s['status'])} after {s['steps']} steps: {s['reason']}"]
+    reverted = bool(s.get("review")) and s["review"]["applied"] == "revert"
+    if s["status"] == "guard_stopped" and s["rolled_back_to"] == 0 or reverted:
+        lines.append("kept: nothing - the saved adapter answers as the unadapted model")
+    elif s["status"] == "guard_stopped":
+        lines.append(
+            f"kept: the weights after step {s['rolled_back_to']} (the last clearly healthy "
+            "guard check)"
+        )
+    lines.append(f"{s['changed']} of {s['images']} greedy answers changed")
     if s["accuracy_before"] is not None:
         lines.append(
             f"accuracy (labels, evaluation only): {s['accuracy_before']:.1%} -> "

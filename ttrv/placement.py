@@ -50,11 +50,16 @@ def gpu_table() -> list[dict[str, Any]]:
 
 def check_gpus(cfg: ModelConfig, available: int | None = None) -> None:
     """Refuse GPUs this machine does not have (`available`: how many it has; default: ask
-    torch), with a message that says which it has."""
+    torch), with a message that says which it has; and device cuda on a machine without
+    one. Checked before anything is loaded or launched."""
+    count = torch.cuda.device_count() if available is None else available
+    if cfg.device == "cuda" and count == 0:
+        raise PlacementError(
+            "model.device is cuda but this machine has no CUDA GPU: set device to cpu or auto."
+        )
     gpus = cfg.gpu_list()
     if not gpus:
         return
-    count = torch.cuda.device_count() if available is None else available
     if count == 0:
         raise PlacementError(
             f"model.gpus lists {cfg.gpus}, but this machine has no CUDA GPU: clear gpus to "

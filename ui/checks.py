@@ -64,6 +64,10 @@ def check_devices(cfg: ModelConfig, gpus_here: int | None = None) -> str:
     default, one device)."""
     from ttrv.placement import check_gpus
 
+    if gpus_here is None:
+        import torch
+
+        gpus_here = torch.cuda.device_count()
     check_gpus(cfg, gpus_here)  # a PlacementError is a ValueError, shown as it is
     gpus, n = cfg.gpu_list(), cfg.data_parallel()
     if len(gpus) > 1 and cfg.placement == "split":
@@ -73,7 +77,7 @@ def check_devices(cfg: ModelConfig, gpus_here: int | None = None) -> str:
     if gpus:
         return f"GPU {gpus[0]}"
     if n > 1:
-        where = "CPU" if cfg.device == "cpu" else "first GPUs (or the CPU without one)"
+        where = "CPU" if cfg.device == "cpu" or not gpus_here else f"first {n} GPUs"
         return f"{n} data-parallel processes on the {where}"
     return ""
 
