@@ -57,6 +57,7 @@ def test_device_settings_are_checked_with_messages_that_say_what_to_do():
         "cpu": (dict(gpus="0", device="cpu"), "device is cpu"),
         "split of one": (dict(gpus="0", placement="split"), "at least two"),
         "both counts": (dict(gpus="0,1", processes=2), "leave processes at 1"),
+        "cap unsplit": (dict(gpus="0,1", max_memory_gib=4), "set placement to split"),
     }
     for kwargs, words in refused.values():
         with pytest.raises(ConfigError, match=words):
@@ -334,3 +335,27 @@ def test_model_tab_lists_this_machines_devices_and_where_a_split_model_sits():
     assert "- **cuda:1**: model.language_model.layers.18-35 (3300 MiB)" in shown
     one = {**job, "result": {"info": {"device": "cpu", "placement": placement[:1]}}}
     assert "cuda:1" not in job_text(one)
+
+
+def test_session_runs_refuse_other_arguments_and_a_missing_store(tmp_path, capsys):
+    from ttrv.cli import main
+
+    assert main(["adapt", "--session", "abc", "--rounds", "2", "--name", "x"]) == 2
+    assert "--name, --rounds cannot go with it" in capsys.readouterr().err
+    assert main(["adapt", "--session", "abc", "--data-dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "No session store in" in err and "sessions.db" in err
+    assert not (tmp_path / "none").exists()  # nothing created on the way
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path):
+    from ttrv.cli import _resume_hint, build_parser
+
+    args = build_parser().parse_args(["adapt", "a.png", "b", "--out", str(tmp_path)])
+    assert "no checkpoint was saved yet" in _resume_hint(args)
+    for tag in ("round-1", "round-2"):
+        (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag / "state.json").write_text("{}")
+        time.sleep(0.01)
+    hint = _resume_hint(args)
+    assert hint.endswith(f"python -m ttrv adapt a.png b --resume {tmp_path}/checkpoints/round-2")

@@ -896,3 +896,13 @@ def test_inspect_value_filters():
     rows = [row, {"before": "7", "after": "7", "label": None}]
     assert value_choices(rows, ("before", "after")) == [("any", ""), ("7 (2)", "7"),
                                                          ("Seven (1)", "Seven")]  # fmt: skip
+
+
+def test_progress_shows_fast_steps_with_two_significant_figures():
+    from ui.charts import Progress, progress_html
+
+    def shown(step_s: float) -> str:
+        return progress_html(Progress(3, 6, 1, 1, step_s, 3.0, "running"), "")
+
+    assert "0.043 s/step" in shown(0.043)  # was "0.0 s/step"
+    assert "1.5 s/step" in shown(1.54) and "12 s/step" in shown(12.3)

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+            print("interrupted" + _resume_hint(args), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a CLI shows a clean message, not a traceback
         from .images import ImageError
@@ -264,6 +267,20 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
     return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted `adapt` from its latest checkpoint, if it has one."""
+    out = getattr(args, "out", None)
+    if getattr(args, "command", None) != "adapt" or out is None:
+        return ""
+    saved = sorted(
+        (Path(out) / "checkpoints").glob("*/state.json"), key=lambda p: p.stat().st_mtime
+    )
+    if not saved:
+        return " (no checkpoint was saved yet: start again)"
+    command = ["python -m ttrv adapt", *args.images, "--resume", str(saved[-1].parent)]
+    return "; continue with: " + " ".join(command)
+
+
 def _run_config(checkpoint: Path) -> dict[str, Any] | None:
     """The config.json of the run a checkpoint (`<out>/checkpoints/<tag>`) belongs to."""
     path = Path(checkpoint).resolve().parent.parent / "config.json"
@@ -293,16 +310,26 @@ def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
     process, handed to the others), recorded in that session."""
     from .distributed import current, launched
 
-    if args.images or args.config or args.labels or args.review or args.store or args.name:
+    given = {"images": args.images, "--config": args.config, "--labels": args.labels,
+             "--review": args.review, "--store": args.store, "--name": args.name}  # fmt: skip
+    given.update({f"--{flag_name(*k.split('.', 1))}": v for k, v in vars(args).items()
+                  if "." in k and v is not None})  # fmt: skip
+    extra = [name for name, value in given.items() if value]
+    if extra:
         raise ConfigError(
-            "--session runs a session with its own config and images: give only --data-dir, "
-            "--out and --resume with it."
+            f"--session runs a session with its own config and images, so {', '.join(extra)} "
+            "cannot go with it: give only --data-dir, --out and --resume."
         )
     runs = _store_front_end()
     dist = current()
     data: Any = None
     if dist.is_main:
         try:
+            if args.data_dir is None or not (Path(args.data_dir) / "sessions.db").is_file():
+                raise runs.StoreError(
+                    f"No session store in {args.data_dir}: --data-dir names the app's data "
+                    "directory (the one holding sessions.db)."
+                )
             store = runs.Store(args.data_dir)
             data = (store.get_session(args.session)["config"], runs.image_rows(store, args.session))
         except runs.StoreError as e:  # said by every process, not left waiting for data

@@ -234,6 +234,11 @@ class ModelConfig(_Section):
             "model.gpus.",
         )
         _check(
+            self.max_memory_gib == 0 or self.placement == "split",
+            "model.max_memory_gib caps a split model's share of each GPU: set placement to "
+            "split, or leave it at 0.",
+        )
+        _check(
             self.processes == 1 or not gpus,
             "model.processes and model.gpus both say how many processes run: with gpus "
             "listed each GPU runs one, so leave processes at 1.",

@@ -174,7 +174,8 @@ def progress_html(p: Progress, phase: str, elapsed_s: float | None = None,
     if p.round is not None:
         bits.append(f"round {p.round} / {p.rounds}")
     if p.step_s is not None:
-        bits.append(f"{p.step_s:.1f} s/step")
+        # two significant figures: a fast model's 0.04 s/step is not "0.0 s/step"
+        bits.append(f"{p.step_s:.2g} s/step" if p.step_s < 10 else f"{p.step_s:.0f} s/step")
     if elapsed_s is not None:
         bits.append(f"elapsed {clock(elapsed_s)}")
     if p.eta_s is not None:
