@@ -59,8 +59,8 @@ from bench.speed import (
     setup_torch,
     suppress_ids,
 )
-from ttrv.rollout import batch_logprobs as _batch_logprobs
 from ttrv.rollout import sample_many as _sample_many
+from ttrv.scoring import batch_logprobs as _batch_logprobs
 
 MEDIUM = {
     "text_hidden": 256,
@@ -127,7 +127,7 @@ def per_prompt_sample_many(
 def per_prompt_logprobs(
     model: Any, encoded: list[Any], completions: list[list[Any]], *args: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ttrv.rollout.batch_logprobs` called once per prompt (one forward each), padded to
+    """`ttrv.scoring.batch_logprobs` called once per prompt (one forward each), padded to
     one [R, T] result; the backward stays one per micro-batch."""
     parts = [
         _batch_logprobs(model, [e], [c], *args)

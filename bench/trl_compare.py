@@ -294,7 +294,7 @@ def ours_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Our batched path (per image: cached features, logits_to_keep): (loss, logp [B, T])."""
     from ttrv.grpo import clipped_surrogate, kl_k3
-    from ttrv.rollout import sequence_logprobs
+    from ttrv.scoring import sequence_logprobs
 
     model, temp = policy.model, cfg.rollout.temperature
     total = sum(len(c) for g in groups for c in g.completions)

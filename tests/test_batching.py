@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.test_engine import loaded_model, small_config
 from tests.tiny_models import FAMILIES
-from ttrv import rollout
+from ttrv import rollout, scoring
 from ttrv.adapt import make_policy, trainable_params
 from ttrv.batching import (
     image_block_ids,
@@ -30,16 +30,14 @@ from ttrv.batching import (
 from ttrv.config import RolloutConfig, TaskConfig
 from ttrv.grpo import grpo_update
 from ttrv.rollout import (
-    _pixel_logprobs,
-    batch_logprobs,
     greedy_answers,
     hf_model,
-    packed_attention,
     rollout_groups,
     sample,
     sample_many,
     stackable,
 )
+from ttrv.scoring import _pixel_logprobs, batch_logprobs, packed_attention
 from ttrv.tasks import Item, build_prompt, image_sha256
 
 # ---- pure helpers ------------------------------------------------------------------------
@@ -181,7 +179,6 @@ def test_batched_logprobs_and_grads_match(tiny_model_dir, family, shared):
 
 def test_greedy_answers_are_batched_and_unchanged(tiny_model_dir, monkeypatch):
     """One generate call per GREEDY_BATCH images, same answers as image by image."""
-    import ttrv.rollout as rollout
 
     folder = tiny_model_dir("llava")
     loaded = loaded_model(folder, small_config(folder))
@@ -297,7 +294,7 @@ def test_packed_forward_matches_full_sequences(
     text = hf_model(model).config.get_text_config()
     if family == "gemma3":
         monkeypatch.setattr(text, "sliding_window", 5)
-    monkeypatch.setattr(rollout, "PACKED_ROW_TOKENS", row_tokens)
+    monkeypatch.setattr(scoring, "PACKED_ROW_TOKENS", row_tokens)
     packing = packed_attention(model)
     assert packing is not None
     assert (packing.additive is not None) == (attention == "eager")

@@ -28,8 +28,8 @@ from ttrv.adapt import adapt, trainable_params
 from ttrv.config import AdaptConfig
 from ttrv.distributed import Accelerated, Single, shard_range
 from ttrv.images import load_items
+from ttrv.keyed import KeyedSampler, gumbel_noise, hashed_vocab, row_keys
 from ttrv.lora import ADAPTER_FILE
-from ttrv.rollout import KeyedSampler, gumbel_noise, hashed_vocab, row_keys
 from ttrv.tasks import Item
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +78,12 @@ def _member(
             LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
             ACCELERATE_USE_CPU="1",
         )  # fmt: skip
+        # A fork inherits accelerate's process-wide state: a parent that made an Accelerator
+        # (TRL's trainer in tests/test_speed_equivalence.py) would leave it "one process".
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
         dist = Accelerated()
         loaded = loaded_model(folder, cfg)
         events: list[tuple[str, dict[str, Any]]] = []

@@ -13,6 +13,7 @@ from tests.tiny_models import FAMILIES
 from ttrv.adapt import adapt, make_policy, run_step, trainable_params
 from ttrv.config import (
     AdaptConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     RewardConfig,
@@ -22,7 +23,8 @@ from ttrv.config import (
 from ttrv.grpo import grpo_update, make_optimizer
 from ttrv.loading import load_model
 from ttrv.lora import attach_lora
-from ttrv.rollout import rollout_group, sequence_logprobs
+from ttrv.rollout import rollout_group
+from ttrv.scoring import sequence_logprobs
 from ttrv.tasks import Item, image_sha256
 
 
@@ -302,7 +304,7 @@ def test_learning_rate_follows_the_schedule_per_step(tiny_model_dir):
 
 def _noise_one_position(keys, position, vocab):
     """Keyed Gumbel noise exactly as first written (c294705), one position per call."""
-    from ttrv.rollout import _M32, _mix32
+    from ttrv.keyed import _M32, _mix32
 
     step = (keys[:, 1] + position * 0x9E3779B9) & _M32
     h = _mix32(keys[:, 0] ^ _mix32(step))
@@ -317,11 +319,11 @@ def test_keyed_noise_drawn_in_blocks_is_bit_identical(monkeypatch, elements):
     run to run) against the block-wise noise draw: one, three or all positions per draw,
     row states recomputed past their block, must add the very same bits to the scores as
     the per-position formula, and draw nothing past the last position of the call."""
-    from ttrv import rollout
-    from ttrv.rollout import KeyedSampler, hashed_vocab, row_keys
+    from ttrv import keyed
+    from ttrv.keyed import KeyedSampler, hashed_vocab, row_keys
 
-    monkeypatch.setattr(rollout, "NOISE_ELEMENTS", elements)
-    monkeypatch.setattr(rollout, "STATE_POSITIONS", 4)
+    monkeypatch.setattr(keyed, "NOISE_ELEMENTS", elements)
+    monkeypatch.setattr(keyed, "STATE_POSITIONS", 4)
     keys = row_keys("3:1", "img", range(6))  # [6, 2]
     sampler = KeyedSampler(keys, 0.7, 1.0, positions=11)
     scores = torch.randn(6, 37)
@@ -330,3 +332,33 @@ def test_keyed_noise_drawn_in_blocks_is_bit_identical(monkeypatch, elements):
         got = sampler(torch.zeros(6, 5 + t, dtype=torch.long), scores)
         assert torch.equal(got, scores / 0.7 + _noise_one_position(keys, t, vocab)), t
     assert sampler.noise_at + len(sampler.noise) <= 11  # never drawn past the call's end
+
+
+def test_updates_skip_the_train_mode_switch_only_when_nothing_depends_on_it(tiny_model_dir):
+    """Without dropout, batch norm or checkpointing an update in eval mode is the update
+    in train mode (bit for bit), so the switch is skipped; LoRA dropout or gradient
+    checkpointing keep it."""
+    from dataclasses import replace
+
+    from ttrv.rollout import train_mode_matters
+
+    folder = tiny_model_dir("llava")
+    cfg = small_config(folder)
+    weights = []
+    for forced in (False, True):
+        loaded = loaded_model(folder, cfg)
+        loaded.model.eval()  # as `adapt` starts
+        policy = make_policy(loaded)
+        assert policy.train_mode is False
+        policy = replace(policy, train_mode=forced)
+        params = list(trainable_params(loaded.model).values())
+        optimizer = make_optimizer(params, cfg.optim.learning_rate, 0.0)
+        run_step(policy, make_items(2), cfg, 0, 0, optimizer, params)
+        assert not loaded.model.training  # back in eval mode either way
+        weights.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    dropped = attach_lora(load_model(cfg.model).model, LoraConfig(dropout=0.1), seed=0)
+    assert train_mode_matters(dropped)
+    checkpointed = loaded_model(folder, cfg).model
+    checkpointed.base_model.model.gradient_checkpointing_enable()
+    assert train_mode_matters(checkpointed)

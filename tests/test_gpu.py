@@ -17,7 +17,8 @@ from ttrv.config import AdaptConfig, ModelConfig, OptimConfig, RolloutConfig
 from ttrv.grpo import make_optimizer
 from ttrv.loading import load_model
 from ttrv.lora import attach_lora, load_adapter, save_adapter
-from ttrv.rollout import rollout_group, sequence_logprobs
+from ttrv.rollout import rollout_group
+from ttrv.scoring import sequence_logprobs
 
 pytestmark = [
     pytest.mark.gpu,

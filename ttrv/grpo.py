@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from .batching import pack
-from .rollout import Group, Policy, batch_logprobs
+from .rollout import Group, Policy
+from .scoring import batch_logprobs
 
 
 def clipped_surrogate(
@@ -152,7 +153,8 @@ def grpo_update(
     if total_tokens == 0:
         return UpdateStats(0.0, None, 0.0, 0, skipped)
 
-    model.train()
+    if policy.train_mode:
+        model.train()
     loss_total, kl_total = 0.0, 0.0
     costs = [_unit_tokens(g, p, idx, policy.shared_prefix) for g, _, p, idx in units]
     for chunk in pack(costs, micro_batch_tokens):
@@ -175,7 +177,8 @@ def grpo_update(
             kl_total += float(kl.detach())
         (loss / total_tokens).backward()
         loss_total += float(loss.detach())
-    model.eval()
+    if policy.train_mode:
+        model.eval()
     if dist is not None:
         dist.reduce_grads(params)
         loss_total, kl_total = dist.sum([loss_total, kl_total])

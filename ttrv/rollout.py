@@ -1,4 +1,5 @@
-"""Rollouts: encode an image once, sample N answers, and score token log-probabilities.
+"""Rollouts: encode an image once and sample N answers (their log-probabilities for the
+update are `ttrv.scoring`'s, the sampling noise `ttrv.keyed`'s).
 
 The vision tower is frozen, so an image's encoder output is computed once (`ImageCache`)
 and reused for all N rollouts, the training forward passes and every round. Sampling and
@@ -13,7 +14,6 @@ encoded), so the caller can drop them and repeat the call with the rest.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,20 +23,16 @@ from .answers import extract_answer
 from .batching import (
     PER_IMAGE_KEYS,
     can_merge,
-    image_block_ids,
     is_per_token,
     left_pad,
     pack,
-    packed_may_attend,
-    packed_positions,
     position_ids,
     row_index,
     same_feature_shapes,
-    split_counts,
     stack_kwargs,
-    within_window,
 )
 from .config import RolloutConfig, TaskConfig
+from .keyed import keyed_kwargs, row_keys
 from .screening import ImageEncodeError, Rejection, processor_reason
 from .tasks import Item, Prompt, build_prompt, render_prompt
 
@@ -143,6 +139,7 @@ class Policy:
     cache: ImageCache
     keep_token_type_ids: bool = False
     shared_prefix: bool = False  # run each prompt once and share its KV cache (see sample)
+    train_mode: bool = True  # switch to train mode for updates (`train_mode_matters`)
 
     def encode(self, prompt: Prompt, item: Item) -> Encoded:
         """One prompt for one image. Raises `ImageEncodeError` naming the image when the
@@ -201,139 +198,6 @@ class Policy:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
-
-
-# -- sampling keyed by rollout ---------------------------------------------------------------
-# `generate(do_sample=True)` draws from one global generator, so a row's tokens depend on
-# which rows share the call: the images of a step, and so the process count under data
-# parallelism. Keyed sampling makes each rollout row's randomness a function of its key
-# (seed, step, image, row) and the token position alone: Gumbel-max with counter-based
-# noise. argmax(logits / T + g), g = -log(-log u), u uniform, is a draw from
-# softmax(logits / T), so generate runs greedy (do_sample=False) over the scores below.
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit hash (xorshift-multiply rounds) of int64 values in [0, 2**32).
-    Multipliers below 2**31 keep every product below 2**63: no int64 overflow."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
-def row_keys(stream: str, image_id: str, rows: range) -> torch.Tensor:
-    """Two 32-bit keys per rollout row of one image: [len(rows), 2] int64."""
-    keys = []
-    for row in rows:
-        digest = hashlib.blake2b(f"{stream}|{image_id}|{row}".encode(), digest_size=8).digest()
-        keys.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
-    return torch.tensor(keys, dtype=torch.int64).reshape(-1, 2)
-
-
-def hashed_vocab(size: int, device: torch.device) -> torch.Tensor:
-    """The token ids 0..size-1, hashed: [V] int64 (computed once per generate call)."""
-    return _mix32(torch.arange(size, device=device))
-
-
-def row_states(keys: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """The rows' hashed states [count, R] at generated positions start..start+count-1, from
-    their keys [R, 2]: a fresh stream per position."""
-    step = torch.arange(start, start + count, device=keys.device) * 0x9E3779B9  # [C]
-    step = (keys[None, :, 1] + step[:, None]) & _M32  # [C, R]
-    return _mix32(keys[None, :, 0] ^ _mix32(step))  # [C, R]
-
-
-def state_noise(states: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [..., R, V] from row states [..., R] (`row_states`) over the hashed token
-    ids `vocab` [V] (`hashed_vocab`)."""
-    bits = _mix32(_mix32(states[..., None] ^ vocab))  # [..., R, V]
-    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1), exact in float32
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_noise(keys: torch.Tensor, position: int, vocab: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [R, V] for the rows' keys [R, 2] at one generated position, over the
-    hashed token ids `vocab` [V] (`hashed_vocab`)."""
-    return state_noise(row_states(keys, position, 1)[0], vocab)
-
-
-# Keyed noise is drawn for several positions at once (never past the call's last one), up to
-# this many elements (16 MB of float32 noise; the hash's int64 intermediates are briefly a
-# few times that): a bundled-size vocabulary draws every position of a call in one go, a 150k
-# vocabulary one position at a time. Row states are computed for STATE_POSITIONS positions at
-# once. Elementwise either way, so the same bits as one position at a time (tested).
-NOISE_ELEMENTS = 2**22
-STATE_POSITIONS = 1024
-
-
-class KeyedSampler:
-    """A logits processor that makes greedy decoding sample: temperature, then top-p (as
-    transformers' warpers do), then Gumbel noise keyed per row. Runs after generate's own
-    processors, so suppressed tokens (-inf) stay suppressed. `positions`: how many tokens
-    the call generates at most (noise is drawn that far ahead; None: one position at a
-    time)."""
-
-    def __init__(
-        self, keys: torch.Tensor, temperature: float, top_p: float, positions: int | None = None
-    ) -> None:
-        self.keys = keys  # [R, 2]
-        self.positions = positions
-        self.temperature = temperature
-        self.top_p = None
-        if top_p < 1.0:  # built once, not at every generated token
-            from transformers import TopPLogitsWarper
-
-            self.top_p = TopPLogitsWarper(top_p)
-        self.start: int | None = None  # input width at the first generated token
-        self.vocab: torch.Tensor | None = None
-        self.states = torch.empty(0, 0, dtype=torch.int64)  # [C, R] from position states_at
-        self.states_at = 0
-        self.noise = torch.empty(0, 0, 0)  # [B, R, V] from position noise_at
-        self.noise_at = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:  # positions count from the first generated token, so left
-            self.start = input_ids.shape[1]  # padding (which rows share a call) cannot matter
-            self.keys = self.keys.to(scores.device)
-            self.vocab = hashed_vocab(scores.shape[-1], scores.device)
-        scores = scores / self.temperature  # [R, V]
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        return scores + self._noise(input_ids.shape[1] - self.start, scores)
-
-    def _noise(self, position: int, scores: torch.Tensor) -> torch.Tensor:
-        """Noise [R, V] at `position`, from the block drawn last or a new one from here."""
-        if not self.noise_at <= position < self.noise_at + len(self.noise):
-            count, ahead = 1, STATE_POSITIONS
-            if self.positions is not None:
-                ahead = max(1, self.positions - position)
-                count = max(1, min(NOISE_ELEMENTS // scores.numel(), ahead))
-            at = position - self.states_at
-            if at < 0 or at + count > len(self.states):
-                self.states = row_states(
-                    self.keys, position, max(count, min(ahead, STATE_POSITIONS))
-                )
-                self.states_at, at = position, 0
-            self.noise = state_noise(self.states[at : at + count], self.vocab).to(scores.dtype)
-            self.noise_at = position
-        return self.noise[position - self.noise_at]
-
-
-def keyed_kwargs(gen_kwargs: dict[str, Any], keys: torch.Tensor) -> dict[str, Any]:
-    """Sampling `gen_kwargs` turned into a greedy call whose rows draw from their keys
-    [R, 2] (one per row of the call, in row order)."""
-    from transformers import LogitsProcessorList
-
-    kwargs = dict(gen_kwargs)
-    sampler = KeyedSampler(
-        keys, kwargs.pop("temperature"), kwargs.pop("top_p"), kwargs.get("max_new_tokens")
-    )
-    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                  logits_processor=LogitsProcessorList([sampler]))  # fmt: skip
-    return kwargs
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -650,6 +514,28 @@ def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+def train_mode_matters(model: Any) -> bool:
+    """Does any module compute differently in train mode? Dropout that is on (LoRA
+    dropout, a config's attention dropout), batch norm, or gradient checkpointing (which
+    transformers applies in train mode only). When none does, an update runs in eval mode
+    with the same numbers, and `model.train()` / `model.eval()` around each update, each a
+    walk over every module (~1,500 on a 3B VLM), are skipped. Models with remote code keep
+    the switch: their modules are unknown."""
+    base = hf_model(model)
+    if getattr(base.config, "auto_map", None) or _checkpointing(model):
+        return True
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            return True
+        for name in ("attention_dropout", "dropout"):  # read as `if self.training` in attention
+            rate = getattr(m, name, None)
+            if isinstance(rate, float | int) and not isinstance(rate, bool) and rate > 0:
+                return True
+    return False
+
+
 def _checkpointing(model: Any) -> bool:
     # transformers turns the KV cache off in train mode under gradient checkpointing.
     base = hf_model(model)
@@ -657,251 +543,13 @@ def _checkpointing(model: Any) -> bool:
     return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
 
 
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def sequence_logprobs(
-    model: Any,
-    enc: Encoded,
-    completions: list[torch.Tensor],
-    pad: int,
-    temperature: float,
-    shared_prefix: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion given one prompt: (logprobs [K, T], mask [K, T]).
-
-    Only the completion positions get logits (`logits_to_keep`), so the full-vocabulary
-    tensor never covers the prompt.
-    """
-    if stackable([enc]):
-        return batch_logprobs(model, [enc], [completions], pad, temperature, shared_prefix)
-    return _pixel_logprobs(model, enc, completions, pad, temperature)
-
-
-def _pixel_logprobs(
-    model: Any, enc: Encoded, completions: list[torch.Tensor], pad: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scoring without cached image features: raw pixel inputs cannot be repeated
-    generically (some families flatten patches across images), so each completion runs
-    alone with its full prompt."""
-    t = max(len(c) for c in completions)
-    logps, masks = [], []
-    for c in completions:
-        comp, mask = _pad_completions([c], pad, enc.input_ids.device)  # [1, T_c]
-        kwargs = enc.kwargs()
-        kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], mask.long()], dim=1)
-        per_token = (1, enc.length)  # token types cover the prompt; the completion is text, 0
-        for key, value in kwargs.items():
-            if key != "attention_mask" and getattr(value, "shape", None) == per_token:
-                kwargs[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
-        out = model(input_ids=torch.cat([enc.input_ids, comp], 1), logits_to_keep=len(c) + 1,
-                    use_cache=False, **kwargs)  # fmt: skip
-        logp = torch.log_softmax(out.logits[:, :-1, :].float() / temperature, dim=-1)
-        logp = logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1) * mask
-        logps.append(torch.nn.functional.pad(logp, (0, t - len(c))))
-        masks.append(torch.nn.functional.pad(mask, (0, t - len(c))))
-    return torch.cat(logps), torch.cat(masks)  # [K, T], [K, T]
-
-
 # Images answered per generate call in `greedy_answers` (bounds memory on large sets).
 GREEDY_BATCH = 32
 
 
-def _pad_completions(
-    completions: list[torch.Tensor], pad: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions right-padded into ids [K, T] and a float mask [K, T].
-
-    Built where the completions are (the host, after sampling) with a fixed handful of
-    operators, then copied to `device` once each, instead of two per completion."""
-    sizes = [len(c) for c in completions]
-    flat = torch.cat(list(completions))  # [sum L]
-    lengths = torch.tensor(sizes, device=flat.device)  # [K]
-    keep = torch.arange(max(sizes), device=flat.device) < lengths[:, None]  # [K, T]
-    comp = torch.full(keep.shape, pad, dtype=torch.long, device=flat.device)
-    comp[keep] = flat.long()
-    return comp.to(device), keep.to(device=device, dtype=torch.float32)
-
-
-# Completion tokens one packed row holds at most: a prompt with more is split over several rows
-# (its tokens run once per row). Attention over a packed row is quadratic in its width and
-# computes the masked-out pairs too, so this bounds that cost and the mask's memory.
-PACKED_ROW_TOKENS = 2048
-
-# Families whose token type ids mark image tokens that attend to each other both ways.
-IMAGE_BLOCK_MODELS = ("gemma3",)
-
-
-@dataclass(frozen=True)
-class PackedAttention:
-    """How a family's decoder takes the attention mask of a packed row (`_packed_logprobs`)."""
-
-    windows: dict[str, int | None] | None  # per layer type, its sliding window; None: one mask
-    image_blocks: bool  # token type 1 marks image tokens that attend both ways (Gemma3)
-    additive: torch.dtype | None  # eager attention adds a float mask; sdpa takes a boolean one
-
-
-def packed_attention(model: Any) -> PackedAttention | None:
-    """Can this model score a prompt and all its completions in one row, under a 4D mask?
-
-    transformers uses a 4D `attention_mask` as it is (sdpa: True may attend; eager: added to
-    the scores), and a dict of them keyed by layer type for models with sliding-window
-    layers (Gemma3). Not for: multimodal rope (Qwen-VL), decoders that take no position ids,
-    attention kernels that take no dense mask (flash), bidirectional or chunked attention,
-    one sliding window over every layer (Mistral), or token types of unknown meaning.
-    """
-    if not supports_shared_prefix(model) or not text_positions(model):
-        return None
-    base = hf_model(model)
-    text = base.config.get_text_config()
-    impl = getattr(text, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager") or getattr(text, "use_bidirectional_attention", False):
-        return None
-    types = getattr(text, "layer_types", None)
-    window = getattr(text, "sliding_window", None)
-    if types is None and window is not None:
-        return None
-    kinds = set(types or ["full_attention"])
-    if not kinds <= {"full_attention", "sliding_attention"}:
-        return None
-    windows = None
-    if "sliding_attention" in kinds:
-        windows = {"full_attention": None, "sliding_attention": window}
-    blocks = base.config.model_type in IMAGE_BLOCK_MODELS
-    if wants_token_type_ids(model) and not blocks:
-        return None
-    additive = base.get_input_embeddings().weight.dtype if impl == "eager" else None
-    return PackedAttention(windows, blocks, additive)
-
-
-def _packed_logprobs(
-    model: Any,
-    packing: PackedAttention,
-    encoded: list[Encoded],
-    counts: list[int],
-    comp: torch.Tensor,
-    cmask: torch.Tensor,
-    pad: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_logprobs` in one forward without repeating prompts: a row per prompt holds the
-    prompt once, then its completions' input tokens in slots (`ttrv.batching`). Logits are
-    kept for the prompt's last column (every completion's first token) and the slots only."""
-    device = comp.device
-    s = comp.shape[1] - 1  # slot width: a completion's tokens but its last
-    runs = split_counts(counts, max(1, PACKED_ROW_TOKENS // max(s, 1)))  # (prompt, rows)
-    k = max(n for _, n in runs)  # slots per packed row
-    prompt_of = [i for i, _ in runs]
-    ids = left_pad([encoded[i].input_ids for i in prompt_of], pad)  # [M, P]
-    mask = left_pad([encoded[i].attention_mask for i in prompt_of], 0)  # [M, P]
-    slot = [r * k + j for r, (_, n) in enumerate(runs) for j in range(n)]  # [R]: row, slot
-    slot_t = torch.tensor(slot, device=device)  # [R]
-    slots = torch.full((len(runs) * k, s), pad, dtype=comp.dtype, device=device)  # [M*K, S]
-    slots[slot_t] = comp[:, :-1]
-    kw = stack_kwargs([encoded[i].model_kwargs for i in prompt_of], range(len(runs)))
-    blocks = None
-    for key, value in list(kw.items()):
-        if is_per_token(key):  # token types: the completions are text, 0
-            if key == "token_type_ids" and packing.image_blocks:
-                blocks = image_block_ids(value)
-            kw[key] = torch.nn.functional.pad(value, (0, k * s))
-    positions = packed_positions(mask, k, s)  # [M, W]
-    may = packed_may_attend(mask, k, s, blocks)  # [M, W, W]
-    masks = {"full_attention": may}
-    if packing.windows is not None:
-        masks = {kind: may if w is None else within_window(may, positions, w)
-                 for kind, w in packing.windows.items()}  # fmt: skip
-    for kind, m in masks.items():  # [M, 1, W, W]
-        m = m[:, None]
-        if packing.additive is not None:
-            m = torch.zeros((), dtype=packing.additive, device=device).masked_fill(
-                ~m, torch.finfo(packing.additive).min
-            )
-        masks[kind] = m
-    attention = masks if packing.windows is not None else masks["full_attention"]
-    out = model(input_ids=torch.cat([ids, slots.view(len(runs), k * s)], 1),
-                attention_mask=attention, position_ids=positions, logits_to_keep=k * s + 1,
-                use_cache=False, **kw)  # fmt: skip
-    logp = torch.log_softmax(out.logits.float() / temperature, dim=-1)  # [M, 1 + K*S, V]
-    # token t of row r is predicted at kept column 0 (t = 0) or 1 + slot*S + t - 1
-    col = ((slot_t % k) * s)[:, None] + torch.arange(comp.shape[1], device=device)  # [R, T]
-    col[:, 0] = 0
-    logp = logp[(slot_t // k)[:, None], col, comp]  # [R, T]
-    return logp * cmask, cmask  # [R, T], [R, T]
-
-
-def batch_logprobs(
-    model: Any,
-    encoded: list[Encoded],
-    completions: list[list[torch.Tensor]],
-    pad: int,
-    temperature: float,
-    shared_prefix: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the completions of several prompts in one forward.
-
-    `completions[i]` are continuations of `encoded[i]`; rows come out prompt by prompt:
-    (logprobs [R, T], mask [R, T]). Prompts are left-padded into one batch. With
-    `shared_prefix` each prompt runs once: in one packed row with its completions
-    (`packed_attention`), or, for families that cannot take a packed row's mask, run first
-    with its KV cache (which carries the gradient of the LoRA weights on the prompt)
-    repeated for its rows. Otherwise each row is the full prompt + completion sequence. Same
-    numbers as `sequence_logprobs` per prompt (tested per family); inputs that cannot be
-    stacked are scored prompt by prompt.
-    """
-    keep = [i for i, c in enumerate(completions) if c]
-    encoded = [encoded[i] for i in keep]
-    completions = [completions[i] for i in keep]
-    if not stackable(encoded):
-        parts = [_pixel_logprobs(model, e, c, pad, temperature)
-                 for e, c in zip(encoded, completions, strict=True)]  # fmt: skip
-        t = max(p[0].shape[1] for p in parts)
-        pad_to = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
-        return torch.cat([pad_to(p[0]) for p in parts]), torch.cat([pad_to(p[1]) for p in parts])
-    device = encoded[0].input_ids.device
-    counts = [len(c) for c in completions]
-    comp, cmask = _pad_completions([c for cs in completions for c in cs], pad, device)
-    t = comp.shape[1]
-    packing = packed_attention(model) if shared_prefix else None
-    if packing is not None:
-        return _packed_logprobs(model, packing, encoded, counts, comp, cmask, pad, temperature)
-    ids = left_pad([e.input_ids for e in encoded], pad)  # [M, P]
-    mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
-    rows = row_index(counts, device)  # [R]
-    positions = text_positions(model)
-    if shared_prefix and not _checkpointing(model):
-        kw = stack_kwargs([e.model_kwargs for e in encoded], range(len(encoded)))
-        if positions:
-            kw["position_ids"] = position_ids(mask)
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
-        logits = out.logits[:, -1:, :][rows]  # [R, 1, V]: predicts token 0
-        if t > 1:
-            cache = _cache_of(out)
-            cache.reorder_cache(rows)
-            attn = torch.cat([mask[rows], cmask.long()], dim=1)[:, :-1]
-            extra = {}
-            if positions:
-                start = mask.sum(-1, keepdim=True)[rows]  # [R, 1]: real prompt tokens
-                extra["position_ids"] = start + torch.arange(t - 1, device=device)
-            rest = model(input_ids=comp[:, :-1], attention_mask=attn, cache=cache,
-                         use_cache=True, **extra).logits  # [R, T-1, V]  # fmt: skip
-            logits = torch.cat([logits, rest], dim=1)  # [R, T, V]
-    else:
-        kw = stack_kwargs([e.model_kwargs for e in encoded], rows.tolist())
-        for key, value in kw.items():
-            if is_per_token(key):  # token types: the completion is text, 0
-                kw[key] = torch.cat([value, torch.zeros_like(comp, dtype=value.dtype)], 1)
-        attn = torch.cat([mask[rows], cmask.long()], dim=1)  # [R, P+T]
-        if positions:
-            kw["position_ids"] = position_ids(attn)
-        out = model(input_ids=torch.cat([ids[rows], comp], 1), attention_mask=attn,
-                    logits_to_keep=t + 1, use_cache=False, **kw)  # fmt: skip
-        logits = out.logits[:, :-1, :]  # [R, T, V]
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    return logp * cmask, cmask  # [R, T], [R, T]
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @torch.no_grad()
