@@ -263,7 +263,12 @@ def test_forecast_event_precedes_training(tiny_model_dir):
     kinds = [k for k, _ in events]
     assert "forecast" in kinds and kinds.index("forecast") < kinds.index("step")
     fc = events[kinds.index("forecast")][1]
-    assert fc["images"] == 3 and fc["outlook"] in ("likely_help", "no_format", "little_gain", "risky")
+    assert fc["images"] == 3 and fc["outlook"] in (
+        "likely_help",
+        "no_format",
+        "little_gain",
+        "risky",
+    )
     assert fc["message"]
 
 
