@@ -97,6 +97,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._children: set[Any] = set()  # the launched processes of a data-parallel run
+        self._children_lock = threading.Lock()
         self._light: threading.Thread | None = None
         self.loaded: Any = None  # ttrv.loading.LoadedModel with a LoRA adapter attached
         self._loaded_key: str | None = None
@@ -122,9 +123,10 @@ class Worker:
         # is then marked interrupted, and can be resumed). SIGTERM, not SIGKILL: the
         # launcher passes it on to the run's processes, which torch starts in their own
         # sessions.
-        for child in list(self._children):
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
+        with self._children_lock:  # a run starting now sees _stop and starts nothing
+            for child in list(self._children):
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
         for thread in (self._thread, self._light):
             if thread:
                 thread.join(timeout)
@@ -273,9 +275,11 @@ class Worker:
 
         import torch
 
-        from ttrv.launch import launch_command
+        from ttrv.launch import WATCH_PID_ENV, launch_command
+        from ttrv.placement import check_gpus
 
         self._check_imported_model(sid, model.model)
+        check_gpus(model)  # e.g. a resumed or imported session naming GPUs this box lacks
         self._drop_model()
         out = self.store.adapter_dir(sid)
         out.mkdir(parents=True, exist_ok=True)
@@ -286,11 +290,17 @@ class Worker:
         with log_path.open("ab") as log_file:
             log_file.write(f"$ {' '.join(command)}\n".encode())
             log_file.flush()
-            child = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-                env={**os.environ, **env}, start_new_session=True,
-            )  # fmt: skip
-            self._children.add(child)
+            # The run watches this process (WATCH_PID_ENV): if the app dies without shutting
+            # down, the run stops after its step instead of training on, unseen.
+            env[WATCH_PID_ENV] = str(os.getpid())
+            with self._children_lock:
+                if self._stop.is_set():  # shut down meanwhile: start nothing it cannot stop
+                    raise RuntimeError("The app is closing: the run was not started.")
+                child = subprocess.Popen(
+                    command, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                    env={**os.environ, **env}, start_new_session=True,
+                )  # fmt: skip
+                self._children.add(child)
             try:
                 code = child.wait()
             finally:

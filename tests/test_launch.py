@@ -70,19 +70,32 @@ def test_gpus_this_machine_lacks_are_named():
     with pytest.raises(PlacementError, match=r"GPU 2 is not on this machine; it has 2 \(0, 1\)"):
         check_gpus(ModelConfig(gpus="0,2"), available=2)
     check_gpus(ModelConfig(gpus="1,0"), available=2)  # no error
+    with pytest.raises(PlacementError, match="processes is 3 but this machine has 2 GPU"):
+        check_gpus(ModelConfig(processes=3), available=2)
+    check_gpus(ModelConfig(processes=3, device="cpu"), available=2)  # CPU processes
 
 
 # -- the launcher command ----------------------------------------------------------------------
 
 
-def test_launch_command_gives_each_gpu_a_process_or_shares_the_cores():
+def test_launch_command_gives_each_gpu_a_process_or_shares_the_cores(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     argv, env = launch_command(ModelConfig(gpus="1,3"), ["adapt", "x"], cuda_available=True,
                                port=1234)  # fmt: skip
     assert argv[1:3] == ["-m", "accelerate.commands.launch"]
-    assert argv[argv.index("--num_processes") + 1] == "2"
-    assert argv[argv.index("--gpu_ids") + 1] == "1,3"
+    assert argv[argv.index("--num_processes") + 1] == "2" and "--gpu_ids" not in argv
+    assert env == {"CUDA_VISIBLE_DEVICES": "1,3"}
     assert argv[argv.index("--main_process_port") + 1] == "1234"
-    assert argv[-4:] == ["-m", "ttrv", "adapt", "x"] and env == {}
+    assert argv[-4:] == ["-m", "ttrv", "adapt", "x"]
+    # Under a scheduler's CUDA_VISIBLE_DEVICES the indices are of the GPUs this process
+    # sees: 0 and 1 here are physical 5 and 7 (or their UUIDs), never physical 0 and 1.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,2")
+    _, env = launch_command(ModelConfig(gpus="0,1"), [], cuda_available=True)
+    assert env == {"CUDA_VISIBLE_DEVICES": "5,7"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, GPU-bb")
+    assert launch_command(ModelConfig(gpus="1"), [], cuda_available=True)[1] == {
+        "CUDA_VISIBLE_DEVICES": "GPU-bb"
+    }
     argv, env = launch_command(ModelConfig(device="cpu", processes=3), ["adapt"],
                                cuda_available=True, cpu_count=8)  # fmt: skip
     assert "--gpu_ids" not in argv and argv[argv.index("--num_processes") + 1] == "3"
@@ -238,11 +251,13 @@ def wait_for_step(store: Store, sid: str, timeout: float = 180) -> None:
 @pytest.mark.slow
 def test_launched_run_stops_resumes_and_a_killed_one_fails_with_its_log(tiny_model_dir, tmp_path):
     """A stop request reaches the processes within a step; resume continues to the end
-    (4 steps over 2 rounds); a run whose main process is killed (as the kernel kills one
+    (40 steps over 20 rounds); a run whose main process is killed (as the kernel kills one
     out of memory) is failed with the last lines of its log."""
     folder = tiny_model_dir("llava")
     cfg = dp_session_config(folder, processes=2)
-    cfg.optim.rounds = 2
+    # Long enough (40 steps) that a stop or a kill after the first step lands mid-run; no
+    # guard or converged images to end it sooner.
+    cfg.optim.rounds, cfg.optim.skip_converged, cfg.guard.guard = 20, False, False
     files = image_folder(tmp_path, 6)
     store = Store(tmp_path / "data")
     worker = Worker(store)
@@ -254,11 +269,11 @@ def test_launched_run_stops_resumes_and_a_killed_one_fails_with_its_log(tiny_mod
     thread.join(240)
     session = store.get_session(sid)
     stopped_at = len(store.metrics(sid))
-    assert session["status"] == "stopped" and stopped_at <= 3, session
+    assert session["status"] == "stopped" and stopped_at < 40, session
     jobs_mod.submit(store, "adapt", {"resume": True}, sid)
     worker.run_job(jobs_mod.claim_next(store))
     assert store.get_session(sid)["status"] == "done"
-    assert [m["step"] for m in store.metrics(sid)] == [0, 1, 2, 3]
+    assert [m["step"] for m in store.metrics(sid)] == list(range(40))
     assert len(events_of(store, sid, "resumed")) == 1
 
     killed = new_session(store, cfg, files)
@@ -359,3 +374,31 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path):
         time.sleep(0.01)
     hint = _resume_hint(args)
     assert hint.endswith(f"python -m ttrv adapt a.png b --resume {tmp_path}/checkpoints/round-2")
+
+
+def test_a_run_whose_app_is_gone_stops_after_its_step(tiny_model_dir, tmp_path, monkeypatch,
+                                                      capsys):  # fmt: skip
+    """The worker names itself in TTRV_WATCH_PID; once that process is gone the run stops
+    at its next step boundary ("stopped", resumable) and says why, instead of training on
+    unseen."""
+    from ttrv.cli import main
+    from ttrv.launch import WATCH_PID_ENV, watched_process_gone
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv(WATCH_PID_ENV, str(os.getpid()))
+    assert not watched_process_gone()
+    monkeypatch.setenv(WATCH_PID_ENV, str(gone.pid))
+    assert watched_process_gone()
+    cfg = dp_session_config(tiny_model_dir("llava"), processes=1)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    image_folder(tmp_path, 6)
+    out = tmp_path / "run"
+    assert main(["adapt", str(tmp_path / "images"), "--config", str(config), "--out",
+                 str(out)]) == 0  # fmt: skip
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    # the stop is asked before every step: gone from the start, the run takes none
+    assert [e["kind"] for e in events].count("step") == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+    assert any("The app that started this run is gone" in e.get("message", "") for e in events)

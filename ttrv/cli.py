@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -129,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        import os
-
         if os.environ.get("RANK", "0") == "0":  # once, not once per process
             print("interrupted" + _resume_hint(args), file=sys.stderr)
         return 130
@@ -250,8 +249,10 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
         run = AdaptConfig.from_dict(saved).to_dict()  # an older run's file, completed
         args.notes = [f"resuming with {d['key']} = {d['b']!r} (the run had {d['a']!r})"
                       for d in config_diff(run, cfg.to_dict())]  # fmt: skip
-        for note in args.notes:
-            print(f"warning: {note}", file=sys.stderr)
+        relaunching = cfg.model.data_parallel() > 1 and not launched()
+        if not relaunching and os.environ.get("RANK", "0") == "0":  # said once
+            for note in args.notes:
+                print(f"warning: {note}", file=sys.stderr)
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
     if not launched():  # GPUs this machine lacks: said before images are read or launched
@@ -272,6 +273,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
     out = getattr(args, "out", None)
     if getattr(args, "command", None) != "adapt" or out is None:
         return ""
+    if getattr(args, "session", None):
+        return "; resume it from the app (Adapt tab, Resume)"
     saved = sorted(
         (Path(out) / "checkpoints").glob("*/state.json"), key=lambda p: p.stat().st_mtime
     )
@@ -290,10 +293,29 @@ def _run_config(checkpoint: Path) -> dict[str, Any] | None:
         return None
 
 
+def _stop_check(recorder: Any, sink: Any) -> Any:
+    """The run's stop question: the recorder's (a stop asked in the app), or the app that
+    started this run being gone (`ttrv.launch.WATCH_PID_ENV`), said once as a warning."""
+    from .launch import watched_process_gone
+
+    said = False
+
+    def stop() -> bool:
+        nonlocal said
+        if watched_process_gone():
+            if not said:
+                sink("warning", {"message": "The app that started this run is gone: stopping "
+                                 "after this step (resume it from the app)."})  # fmt: skip
+                said = True
+            return True
+        return bool(recorder.stop_requested())
+
+    return stop
+
+
 def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:
     """This same command again, under `accelerate launch` in as many processes as the
     config asks for (`ttrv.launch`); its exit status is this one's."""
-    import os
     import subprocess
 
     import torch
@@ -302,7 +324,18 @@ def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:
 
     command, env = launch_command(cfg.model, argv, cuda_available=torch.cuda.is_available())
     print(f"starting {cfg.model.data_parallel()} processes: {' '.join(command)}", file=sys.stderr)
-    return subprocess.call(command, env={**os.environ, **env})
+    child = subprocess.Popen(command, env={**os.environ, **env})
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # The launcher got the terminal's Ctrl-C too and stops the run's processes (torch
+        # starts them in sessions of their own: they never see it). Wait for that, so
+        # that the prompt comes back when they are gone, not before.
+        try:
+            return child.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            child.terminate()
+            return child.wait()
 
 
 def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
@@ -338,6 +371,10 @@ def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
     if isinstance(data, str):
         raise ValueError(data)
     cfg = AdaptConfig.from_dict(data[0])
+    if not launched():  # an imported session may name GPUs this machine lacks
+        from .placement import check_gpus
+
+        check_gpus(cfg.model)
     if cfg.model.data_parallel() > 1 and not launched():
         return _relaunch(cfg, argv)
     return _adapt_in_group(args, cfg, runs.load_session_items(data[1]), dist, runs=runs)
@@ -349,6 +386,7 @@ def _adapt_in_group(
     """The run on this process (one of `dist.size`): only the main process writes."""
     # The main process's folder name for all: a default name is the time, which can differ.
     out = dist.broadcast(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    args.out = out  # for the resume hint of an interrupted run
     if dist.is_main:  # only the main process writes: the folder, events, store, adapter
         _warn_task(cfg)
         out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +446,7 @@ def _adapt_recorded(
                 jsonl("warning", {"message": note})
                 recorder.sink("warning", {"message": note})
         result = adapt(
-            loaded, items, cfg, sink, recorder.stop_requested, output_dir=out,
+            loaded, items, cfg, sink, _stop_check(recorder, sink), output_dir=out,
             resume_from=args.resume, dist=dist,
         )  # fmt: skip
         if not dist.is_main:  # the main process holds the same weights and writes them

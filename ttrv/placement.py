@@ -58,6 +58,12 @@ def check_gpus(cfg: ModelConfig, available: int | None = None) -> None:
             "model.device is cuda but this machine has no CUDA GPU: set device to cpu or auto."
         )
     gpus = cfg.gpu_list()
+    on_gpus = cfg.device != "cpu" and count > 0
+    if not gpus and on_gpus and cfg.processes > count:
+        raise PlacementError(
+            f"model.processes is {cfg.processes} but this machine has {count} GPU(s), one per "
+            "process: lower processes, or set device to cpu for CPU processes."
+        )
     if not gpus:
         return
     if count == 0:
@@ -78,7 +84,7 @@ def process_device(cfg: ModelConfig) -> torch.device:
     go, the first listed GPU)."""
     gpus = cfg.gpu_list()
     if gpus and launched():
-        # accelerate launch --gpu_ids made only the listed GPUs visible and set this
+        # `ttrv.launch` made only the listed GPUs visible, and accelerate set this
         # process's own: cuda:<local rank>, its current device.
         return torch.device("cuda", torch.cuda.current_device())
     if gpus:
