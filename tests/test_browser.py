@@ -218,6 +218,7 @@ def drive(app, page) -> None:
         ".some(cell => cell.innerText.trim())"
     )
     page.wait_for_selector("#inspect-answers .js-plotly-plot")
+    page.wait_for_selector("#inspect-consensus .js-plotly-plot")
     assert "frequency" in page.inner_text("#inspect-groups")
     page.wait_for_selector("#inspect-sign :text('Advantages are normalised')")
     assert_captions_below_and_whole(page, "#inspect-gallery")

@@ -342,6 +342,30 @@ def test_inspect_summary_counts_as_the_rows_do(store: Store, session: str) -> No
     assert charts.collapse_warning(counted) == charts.collapse_warning(rows)
 
 
+def test_consensus_bins_count_each_images_first_and_last_sampled_step(
+    store: Store, session: str
+) -> None:
+    """Inspect's consensus histogram: per image, the share of its rollouts agreeing with
+    its top valid answer at its first and at its last sampled step, counted per tenth (a
+    full agreement in the last bin), as counting every rollout gives."""
+    from collections import defaultdict
+
+    by_step: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    rows = store._db().execute(
+        "SELECT image_id, step, answer FROM rollouts WHERE session_id = ?", [session]
+    )
+    for image_id, step, answer in rows:
+        by_step[image_id][step].append(answer or INVALID)
+    want = {"first": [0] * 10, "last": [0] * 10}
+    for steps in by_step.values():
+        for when, step in (("first", min(steps)), ("last", max(steps))):
+            stats = stats_from_rollouts([{"step": step, "answer": a} for a in steps[step]])
+            want[when][min(9, int(10 * stats["consensus"]))] += 1
+    got = store.inspect_summary(session)["consensus"]
+    assert got == want and sum(got["last"]) == len(by_step) > 0
+    assert got["first"] != got["last"]  # the fixture's rounds differ: not one read twice
+
+
 def test_inspect_page_filters_as_the_rows_do(store: Store, session: str) -> None:
     """The SQL filters (and answer / label values) pick the images `matches_filter` and
     `matches_values` picked from every row, in image order, and a page is a slice."""

@@ -868,8 +868,10 @@ def test_finished_run_headline_and_why_it_ended_early(app):
     from ui.inspect_tab import norm
 
     answer, label = stored[0]["after"], stored[0]["label"]
-    summary, *_, pick, _, answers, labels = c.predict("all", None, answer, label,
-                                                      api_name="/inspect_refresh")  # fmt: skip
+    summary, *_, pick, _, answers, labels, consensus = c.predict(
+        "all", None, answer, label, api_name="/inspect_refresh"
+    )
+    assert "consensus of each image" in str(consensus)  # the histogram across images
     want = [a["image_id"] for a in stored if norm(label) == norm(a["label"])
             and norm(answer) in (norm(a["before"]), norm(a["after"]))]  # fmt: skip
     assert [v for _, v in pick["choices"]] == want and want
@@ -879,7 +881,7 @@ def test_finished_run_headline_and_why_it_ended_early(app):
     assert ("any", "") in [tuple(x) for x in answers["choices"]]
     assert answer in [v for _, v in answers["choices"]] and answers["value"] == answer
     assert sorted(v for _, v in labels["choices"] if v) == sorted({a["label"] for a in stored})
-    _, *_, pick, _, _, _ = c.predict("all", None, "", label, api_name="/inspect_refresh")
+    _, *_, pick, _, _, _, _ = c.predict("all", None, "", label, api_name="/inspect_refresh")
     assert len(pick["choices"]) == sum(norm(a["label"]) == norm(label) for a in stored)
     assert app.store.delete_session(sid) is None
 

@@ -531,6 +531,26 @@ def answers_figure(rows: list[dict[str, Any]], height: int = 280) -> go.Figure:
     return fig
 
 
+def consensus_figure(bins: dict[str, list[int]], height: int = 280) -> go.Figure | None:
+    """Images by consensus (share of an image's N rollouts agreeing with its top answer),
+    at each image's first sampled step vs its last: adaptation that sharpens the model
+    moves the mass to the right. None before any step."""
+    if not any(sum(b) for b in bins.values()):
+        return None
+    labels = [f"{10 * i}-{10 * i + 10}%" for i in range(10)]
+    fig = go.Figure()
+    for name, key, color in (("first sampled", "first", "#94a3b8"),
+                             ("last sampled", "last", "#2563eb")):  # fmt: skip
+        fig.add_trace(go.Bar(x=labels, y=bins.get(key, [0] * 10), name=name, marker_color=color))
+    fig.update_layout(
+        barmode="group", height=height, template="plotly_white",
+        margin={"l": 40, "r": 10, "t": 30, "b": 30},
+        title={"text": "consensus of each image's rollouts, first vs last step", "font": {"size": 13}},
+        yaxis_title="images", legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
+    )  # fmt: skip
+    return fig
+
+
 def matches_filter(row: dict[str, Any], stats: dict[str, Any], which: str) -> bool:
     """Whether an image passes an Inspect filter: all, changed, uncertain, wrong, invalid.
 

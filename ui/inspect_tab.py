@@ -5,7 +5,8 @@ histogram, the greedy answer before and after and whether it flipped. Filters pi
 images that changed, stayed uncertain, are wrong (when labels exist) or invalid, and those
 with a given answer (before or after) or label. Across
 images: the answer distribution before vs after, with a warning when the model is
-collapsing onto one answer, and the guard's events.
+collapsing onto one answer, the consensus of each image's rollouts at its first vs last
+sampled step, and the guard's events.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ def build(ctx: Context) -> dict[str, Any]:
                                      allow_custom_value=True)  # fmt: skip
         with gr.Column(scale=2):
             distribution = gr.Plot(label="Answers across images", elem_id="inspect-answers")
+            consensus = gr.Plot(label="Consensus across images", elem_id="inspect-consensus")
     with gr.Row():
         with gr.Column(scale=1):
             picture = gr.Image(label="Selected image", type="filepath", interactive=False, height=240,
@@ -198,13 +200,13 @@ def build(ctx: Context) -> dict[str, Any]:
     panel = review_panel.build(ctx)
     shown_ids = gr.State([])
 
-    @guarded(outputs=10)
+    @guarded(outputs=11)
     def refresh(sid: str | None, filt: str, current: str | None, answer: str | None = "",
                 label: str | None = "") -> tuple:  # fmt: skip
         if not sid:
             return (info("No session yet: start an adaptation or open one in Sessions."),
                     "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None,
-                    gr.skip(), gr.skip())  # fmt: skip
+                    gr.skip(), gr.skip(), None)  # fmt: skip
         session = ctx.store.get_session(sid)
         summary = ctx.store.inspect_summary(sid)  # SQL aggregates, no per-image rows
         page = ctx.store.inspect_page(sid, filt, answer, label, limit=GALLERY_LIMIT)
@@ -242,6 +244,7 @@ def build(ctx: Context) -> dict[str, Any]:
             value,
             gr.Dropdown(choices=choices(summary["values"]), value=answer or ""),
             gr.Dropdown(choices=choices(summary["labels"]), value=label or ""),
+            charts.consensus_figure(summary["consensus"]),
         )
 
     @guarded(outputs=5, status=1)
@@ -294,7 +297,7 @@ def build(ctx: Context) -> dict[str, Any]:
     timer = gr.Timer(TICK_S, active=False)  # switched on while this tab is shown
     ctx.parts["inspect_timer"] = timer
     outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden,
-            answer_pick, label_pick]  # fmt: skip
+            answer_pick, label_pick, consensus]  # fmt: skip
     detail_outs = [picture, detail, groups, rewards, sign]
     refresh_inputs = [ctx.session, which, image_pick, answer_pick, label_pick]
     refresh_btn.click(refresh, refresh_inputs, outs, api_name="inspect_refresh").then(

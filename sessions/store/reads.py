@@ -280,8 +280,8 @@ class ReadModels(StoreBase):
         (before, after, label) instead of every image's row: `images`, `answered_before`
         (images with a "before" answer), `counts` ({filter: images passing it}, the
         filters of `FILTER_SQL`), `before` / `after` ({answer: images giving it}, answers
-        as stored), `values` ({answer: images giving it before or after}) and `labels`
-        ({label: images})."""
+        as stored), `values` ({answer: images giving it before or after}), `labels`
+        ({label: images}) and `consensus` ({"first", "last"}: `_consensus_bins`)."""
         counts = dict.fromkeys(FILTER_SQL, 0)
         before: dict[str, int] = {}
         after: dict[str, int] = {}
@@ -296,6 +296,10 @@ class ReadModels(StoreBase):
                 "FROM per_image GROUP BY before, after, label",
                 {"sid": session_id},
             ).fetchall()
+            consensus = {
+                when: self._consensus_bins(db, session_id, pick)
+                for when, pick in (("first", "min"), ("last", "max"))
+            }
         for b, a, label, k, uncertain, invalid in groups:
             counts["all"] += k
             counts["changed"] += k * (_same(b, a) is False)
@@ -312,7 +316,24 @@ class ReadModels(StoreBase):
             if label is not None:
                 labels[label] = labels.get(label, 0) + k
         return {"images": counts["all"], "answered_before": answered_before, "counts": counts,
-                "before": before, "after": after, "values": values, "labels": labels}  # fmt: skip
+                "before": before, "after": after, "values": values, "labels": labels,
+                "consensus": consensus}  # fmt: skip
+
+    @staticmethod
+    def _consensus_bins(db: Any, session_id: str, pick: str) -> list[int]:
+        """Images per tenth of consensus (the share of an image's N rollouts agreeing with
+        its top answer; 100% in the last bin) at each image's first ("min") or last
+        ("max") sampled step: [10 counts]."""
+        rows = db.execute(
+            "SELECT min(9, CAST(10.0 * top / n AS INTEGER)), count(*) FROM (SELECT image_id, "
+            f"{pick}(step), n, top FROM image_steps WHERE session_id = ? AND n > 0 "
+            "GROUP BY image_id) GROUP BY 1",
+            [session_id],
+        ).fetchall()
+        bins = [0] * 10
+        for b, k in rows:
+            bins[int(b)] += k
+        return bins
 
     def inspect_page(
         self,
