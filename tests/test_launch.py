@@ -114,23 +114,54 @@ def real_config(name: str):
     return read(ROOT / "bench" / "configs" / f"{name}.json")
 
 
+def planned_bytes(config, plan, quantization: str, skip: list[str]) -> dict[int, int]:
+    """Bytes of weights the plan puts on each GPU, at their loaded sizes."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForImageTextToText
+
+    from ttrv.placement import quantized_weights
+
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.tie_weights()
+    special = quantized_weights(model, quantization, skip)
+    sizes = compute_module_sizes(model, dtype=torch.bfloat16, special_dtypes=special)
+    out: dict[int, int] = {}
+    for name, device in plan.items():
+        out[device] = out.get(device, 0) + sizes[name]
+    return out
+
+
 @pytest.mark.slow
 def test_split_plan_spreads_a_3b_model_over_two_gpus_and_refuses_what_does_not_fit():
     """Qwen2.5-VL-3B (3.75 B parameters, 7.0 GiB in bf16) over two GPUs of 6 GiB each:
     every block on one of the two, none on the CPU or disk, the embeddings (where inputs
-    go) on the first listed; 2 GiB each does not fit in bf16 but does in 4-bit."""
+    go) and the lm_head tied to them on the first listed, no GPU over its budget; 2 GiB
+    each does not fit in bf16; 2.5 GiB each does in 4-bit (3.1 GiB: the vision tower,
+    embeddings and lm_head stay bf16, counted so), again within each budget."""
+    from ttrv.loading import non_language_modules
+
     config = real_config("qwen2_5_vl_3b")
     plan = split_plan(config, "none", torch.bfloat16, {0: 6 * GIB, 1: 6 * GIB})
     assert set(plan.values()) == {0, 1}
-    assert plan["model.language_model.embed_tokens"] == 0
+    assert plan["model.language_model.embed_tokens"] == 0 == plan.get("lm_head", 0)
     layers = {int(k.rsplit(".", 1)[1]): d for k, d in plan.items()
               if k.startswith("model.language_model.layers.")}  # fmt: skip
     if layers:  # whole decoder layers, in order: first GPU then second
         assert sorted(layers.values()) == [layers[i] for i in sorted(layers)]
+    assert all(b <= 6 * GIB for b in planned_bytes(config, plan, "none", []).values())
     with pytest.raises(PlacementError, match=r"needs about 7\.\d GiB .* may hold 4\.0 GiB"):
         split_plan(config, "none", torch.bfloat16, {0: 2 * GIB, 1: 2 * GIB})
-    plan4 = split_plan(config, "4bit", torch.bfloat16, {2: 2 * GIB, 3: 2 * GIB})
-    assert set(plan4.values()) <= {2, 3}
+    skip = non_language_modules(config)
+    budget = int(2.5 * GIB)
+    plan4 = split_plan(config, "4bit", torch.bfloat16, {2: budget, 3: budget}, skip)
+    assert set(plan4.values()) == {2, 3}
+    used = planned_bytes(config, plan4, "4bit", skip)
+    assert all(b <= budget for b in used.values()), {d: b / GIB for d, b in used.items()}
+    # 3.1 GiB in 4-bit would fit 2 x 2 GiB in total, but not block by block: said so
+    with pytest.raises(PlacementError, match=r"3\.1 GiB of weights do not divide into GPUs"):
+        split_plan(config, "4bit", torch.bfloat16, {2: 2 * GIB, 3: 2 * GIB}, skip)
 
 
 def test_gpu_budgets_take_the_cap_or_a_share_of_what_is_free():

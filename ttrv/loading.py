@@ -321,7 +321,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     processor = load_processor(source, family, cfg.trust_remote_code)
 
     if is_split(cfg):  # every block on the GPU the plan gives it, checked before loading
-        device_map: dict[str, Any] = split_plan(config, cfg.quantization, dtype, gpu_budgets(cfg))
+        skip = non_language_modules(config) if cfg.quantization != "none" else []
+        device_map: dict[str, Any] = split_plan(
+            config, cfg.quantization, dtype, gpu_budgets(cfg), skip
+        )
     elif device.type == "cuda":
         # "cuda" without an index is the process's current GPU: under `accelerate launch`
         # each process has set its own (cuda:<local rank>), alone it is GPU 0.

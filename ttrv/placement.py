@@ -113,40 +113,66 @@ def gpu_budgets(cfg: ModelConfig, free_gib: dict[int, float] | None = None) -> d
     return {g: int(free_gib[g] * FREE_SHARE * GIB) for g in gpus}
 
 
-def _bytes_per_weight(quantization: str, dtype: torch.dtype) -> float:
-    return {"8bit": 1.0, "4bit": 0.5}.get(quantization, torch.finfo(dtype).bits / 8)
+def quantized_weights(model: Any, quantization: str, skip: list[str]) -> dict[str, Any]:
+    """{parameter name: its size class} for the weights bitsandbytes quantises: the
+    `nn.Linear` weights outside the `skip` modules (vision tower, projector, lm_head:
+    `ttrv.loading.non_language_modules`). Embeddings, norms, biases and skipped modules
+    keep the load dtype."""
+    from accelerate.utils import CustomDtype
+
+    if quantization == "none":
+        return {}
+    kind = CustomDtype.INT4 if quantization == "4bit" else torch.int8
+    skipped = tuple(f"{m}." for m in skip)
+    return {
+        f"{name}.weight": kind
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not f"{name}.".startswith(skipped)
+    }
 
 
 def split_plan(
-    config: Any, quantization: str, dtype: torch.dtype, budgets: dict[int, int]
+    config: Any,
+    quantization: str,
+    dtype: torch.dtype,
+    budgets: dict[int, int],
+    skip: list[str] | None = None,
 ) -> dict[str, int]:
     """The device of every top-level block of the model built from `config` over the
-    GPUs of `budgets` ({index: bytes}), balanced as `device_map="auto"` balances.
+    GPUs of `budgets` ({index: bytes of weights}), balanced as `device_map="auto"`
+    balances, tied weights (embeddings and lm_head) kept together.
 
-    Sizes are those of the weights at `dtype`; quantised weights count one byte (8-bit)
-    or half a byte (4-bit) each, planned by scaling the budgets instead (accelerate sizes
-    modules by dtype only). Raises PlacementError when the model does not fit.
+    Each weight is counted at the size it will have: quantised linear weights of the
+    language model (`quantized_weights`, not in `skip`) at one byte (8-bit) or half a
+    byte (4-bit), everything else at `dtype`. Raises PlacementError when the model does
+    not fit.
     """
     from accelerate import init_empty_weights
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
     from transformers import AutoModelForImageTextToText
 
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    scale = (torch.finfo(dtype).bits / 8) / _bytes_per_weight(quantization, dtype)
-    memory = {g: int(b * scale) for g, b in budgets.items()}
+    model.tie_weights()  # as loading ties them: one matrix, planned on one device
+    special = quantized_weights(model, quantization, skip or [])
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split,
-                                   dtype=dtype)  # fmt: skip
-    plan = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split,
-                                 dtype=dtype)  # fmt: skip
+    sizing = {"no_split_module_classes": no_split, "dtype": dtype, "special_dtypes": special}
+    balanced = get_balanced_memory(model, max_memory=dict(budgets), **sizing)
+    plan = infer_auto_device_map(model, max_memory=balanced, **sizing)
     if any(not isinstance(d, int) for d in plan.values()):
-        need = sum(p.numel() for p in model.parameters()) * _bytes_per_weight(quantization, dtype)
+        need = compute_module_sizes(model, dtype=dtype, special_dtypes=special)[""]
         have = sum(budgets.values())
+        gpus = ", ".join(map(str, budgets))
+        if need > have:
+            raise PlacementError(
+                f"The model needs about {need / GIB:.1f} GiB of weights and GPUs {gpus} may "
+                f"hold {have / GIB:.1f} GiB of it: add GPUs, raise model.max_memory_gib, or "
+                "load in 4-bit."
+            )
         raise PlacementError(
-            f"The model needs about {need / GIB:.1f} GiB of weights and GPUs "
-            f"{', '.join(map(str, budgets))} may hold {have / GIB:.1f} GiB of it: add GPUs, "
-            "raise model.max_memory_gib, or load in 4-bit."
+            f"The model's {need / GIB:.1f} GiB of weights do not divide into GPUs {gpus} at "
+            f"{have / GIB:.1f} GiB in all: its blocks (whole layers, a vision tower) are too "
+            "large for the room each GPU has left. Raise model.max_memory_gib or add GPUs."
         )
     return {name: int(device) for name, device in plan.items()}
 
