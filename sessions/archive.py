@@ -147,7 +147,8 @@ def export_session(store: Store, session_id: str, dest: str | os.PathLike[str]) 
     adapter_dir = store.adapter_dir(session_id, create=False)
     if adapter_dir.is_dir():
         for f in sorted(adapter_dir.rglob("*")):
-            if f.is_file() and not f.name.startswith(".tmp-"):
+            run_record = f.parent == adapter_dir and f.name in paths.RUN_RECORD_FILES
+            if f.is_file() and not f.name.startswith(".tmp-") and not run_record:
                 files[f"adapters/{f.relative_to(adapter_dir).as_posix()}"] = f
     for checkpoint in tables["checkpoints"]:
         path = checkpoint["path"]

@@ -26,6 +26,13 @@ DB_NAME = "sessions.db"
 IMAGES = "images"
 ADAPTERS = "adapters"
 THUMB_SUFFIX = ".thumb.png"
+LAUNCH_LOG = "launch.log"  # a data-parallel run's launcher output, in its adapter folder
+# What `python -m ttrv adapt --session` writes beside the adapters of an app session run
+# on several processes: this machine's record of the run (absolute paths, the command).
+# The store holds the same facts, so exports leave these out.
+RUN_RECORD_FILES = frozenset(
+    {LAUNCH_LOG, "session.json", "config.json", "events.jsonl", "summary.json", "answers.json"}
+)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jobs, review, runs
+from .paths import LAUNCH_LOG
 from .runs import oom_message as _oom_message
 from .schema import ACTIVE_STATUSES
 from .store import Store
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # Statuses of a session whose adaptation failed before its `runs.Run` took it over.
 NOT_TAKEN_OVER = ("queued", "interrupted")
-LAUNCH_LOG = "launch.log"  # a data-parallel run's output, in the session's adapter folder
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `python -m ttrv` is found
 
 

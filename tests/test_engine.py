@@ -349,8 +349,8 @@ def test_updates_skip_the_train_mode_switch_only_when_nothing_depends_on_it(tiny
         loaded = loaded_model(folder, cfg)
         loaded.model.eval()  # as `adapt` starts
         policy = make_policy(loaded)
-        assert policy.train_mode is False
-        policy = replace(policy, train_mode=forced)
+        assert policy.switch_train_mode is False
+        policy = replace(policy, switch_train_mode=forced)
         params = list(trainable_params(loaded.model).values())
         optimizer = make_optimizer(params, cfg.optim.learning_rate, 0.0)
         run_step(policy, make_items(2), cfg, 0, 0, optimizer, params)
@@ -362,3 +362,8 @@ def test_updates_skip_the_train_mode_switch_only_when_nothing_depends_on_it(tiny
     checkpointed = loaded_model(folder, cfg).model
     checkpointed.base_model.model.gradient_checkpointing_enable()
     assert train_mode_matters(checkpointed)
+    # a drop-path or router-jitter rate a module reads under `if self.training`
+    for name in ("drop_prob", "router_jitter_noise"):
+        model = loaded_model(folder, cfg).model
+        setattr(model.base_model.model.model.language_model.layers[0], name, 0.1)
+        assert train_mode_matters(model), name

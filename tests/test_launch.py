@@ -235,6 +235,13 @@ def test_worker_runs_a_session_on_two_processes_as_one_process_would(tiny_model_
     assert len(starts) == 1 and starts[0]["processes"] == 2
     answers = store.answers(sid)
     assert len(answers) == 6 and all(a["after"] is not None for a in answers)
+    # Its export carries the adapter, not this machine's record of the launch (paths)
+    import zipfile
+
+    store.export_session(sid, tmp_path / "dp.zip")
+    names = zipfile.ZipFile(tmp_path / "dp.zip").namelist()
+    assert "adapters/adapter/adapter_model.safetensors" in names
+    assert not [n for n in names if n.rsplit("/", 1)[-1] in (LAUNCH_LOG, "session.json")]
     adapter = load_file(store.adapter_dir(sid) / "adapter" / ADAPTER_FILE)
     loaded = loaded_model(folder, cfg)
     adapt(loaded, load_items([str(f) for f in files])[0], cfg, dist=Single())
@@ -366,10 +373,10 @@ def test_model_tab_lists_this_machines_devices_and_where_a_split_model_sits():
     from ui.model_tab import devices_text, job_text
 
     assert "no CUDA GPU" in devices_text([], 2) and "2 CPU cores" in devices_text([], 2)
-    gpus = [{"index": 0, "name": "H200", "total_gib": 139.8, "free_gib": 120.2},
-            {"index": 1, "name": "H200", "total_gib": 139.8, "free_gib": 139.0}]  # fmt: skip
+    gpus = [{"index": 0, "name": "H200", "total_gib": 139.8},
+            {"index": 1, "name": "H200", "total_gib": 139.8}]  # fmt: skip
     text = devices_text(gpus, 16)
-    assert "**0** H200 (120 of 140 GiB free)" in text and "**1** H200" in text
+    assert "**0** H200 (140 GiB)" in text and "**1** H200" in text
     placement = [{"device": "cuda:0", "parts": ["model.visual", "model.language_model.layers.0-17"],
                   "mib": 3500.0},
                  {"device": "cuda:1", "parts": ["model.language_model.layers.18-35"],

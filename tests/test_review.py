@@ -132,6 +132,11 @@ def test_forecast_outlooks():
     assert wrong.outlook == "no_format" and "rarely answers this prompt" in wrong.message
     assert "invalid on 80% of 10 images, 75% of sampled answers invalid" in wrong.message
     assert "Task tab" in wrong.message
+    # greedy mostly invalid but most samples valid (a smaller gain than a format failure):
+    # not "rarely answers in format"
+    some = forecast([INVALID] * 11 + ["A"] * 9, [["A", "A", INVALID, INVALID, "A"]] * 20)
+    assert (some.greedy_invalid, some.sampled_invalid) == (0.55, pytest.approx(0.4))
+    assert some.outlook != "no_format"
     assert forecast([], []).images == 0
     with pytest.raises(ValueError):
         forecast(["A"], [])

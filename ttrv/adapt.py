@@ -87,7 +87,7 @@ def make_policy(loaded: Any, cache_images: bool = True, shared_prefix: bool = Tr
         cache=ImageCache(loaded.model, enabled=cache_images),
         keep_token_type_ids=wants_token_type_ids(loaded.model),
         shared_prefix=shared_prefix and cache_images and supports_shared_prefix(loaded.model),
-        train_mode=train_mode_matters(loaded.model),
+        switch_train_mode=train_mode_matters(loaded.model),
     )
 
 

@@ -100,7 +100,7 @@ def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecas
             "teaches the format the samples already hold.",
             *stats,
         )
-    if greedy_invalid >= FORMAT_GREEDY_INVALID:
+    if greedy_invalid >= FORMAT_GREEDY_INVALID and sampled_invalid >= FORMAT_GREEDY_INVALID:
         # Mostly invalid, greedy and sampled alike: no format held in the samples to teach,
         # and the few valid answers each image gets are too few to vote on.
         return Forecast(

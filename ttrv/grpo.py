@@ -153,7 +153,7 @@ def grpo_update(
     if total_tokens == 0:
         return UpdateStats(0.0, None, 0.0, 0, skipped)
 
-    if policy.train_mode:
+    if policy.switch_train_mode:
         model.train()
     loss_total, kl_total = 0.0, 0.0
     costs = [_unit_tokens(g, p, idx, policy.shared_prefix) for g, _, p, idx in units]
@@ -177,7 +177,7 @@ def grpo_update(
             kl_total += float(kl.detach())
         (loss / total_tokens).backward()
         loss_total += float(loss.detach())
-    if policy.train_mode:
+    if policy.switch_train_mode:
         model.eval()
     if dist is not None:
         dist.reduce_grads(params)

@@ -37,14 +37,15 @@ class PlacementError(ValueError):
 
 
 def gpu_table() -> list[dict[str, Any]]:
-    """This machine's CUDA GPUs: index, name, total and free memory (GiB); [] without any."""
+    """This machine's CUDA GPUs as this process sees them: index, name and memory (GiB);
+    [] without any. Read from the device properties: asking for free memory would open a
+    CUDA context (~0.5 GiB) on every GPU for the life of the app, GPUs its runs need."""
     if not torch.cuda.is_available():
         return []
     out = []
     for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append({"index": i, "name": torch.cuda.get_device_name(i),
-                    "total_gib": total / GIB, "free_gib": free / GIB})  # fmt: skip
+        props = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": props.name, "total_gib": props.total_memory / GIB})
     return out
 
 

@@ -14,6 +14,7 @@ encoded), so the caller can drop them and repeat the call with the rest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,7 +140,7 @@ class Policy:
     cache: ImageCache
     keep_token_type_ids: bool = False
     shared_prefix: bool = False  # run each prompt once and share its KV cache (see sample)
-    train_mode: bool = True  # switch to train mode for updates (`train_mode_matters`)
+    switch_train_mode: bool = True  # model.train() for updates (`train_mode_matters`)
 
     def encode(self, prompt: Prompt, item: Item) -> Encoded:
         """One prompt for one image. Raises `ImageEncodeError` naming the image when the
@@ -514,24 +515,37 @@ def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+# Families whose modules compute differently in train mode beyond dropout-like rates
+# (Gemma3n clamps its AltUp coefficients only while training).
+TRAIN_MODE_FAMILIES = ("gemma3n",)
+# Attributes read as `if self.training` with a rate: dropout, drop path, layer drop,
+# router jitter (attention_dropout, drop_prob, layerdrop, router_jitter_noise, ...).
+_TRAIN_ONLY_RATE = re.compile(r"drop|jitter")
+
+
 def train_mode_matters(model: Any) -> bool:
     """Does any module compute differently in train mode? Dropout that is on (LoRA
-    dropout, a config's attention dropout), batch norm, or gradient checkpointing (which
-    transformers applies in train mode only). When none does, an update runs in eval mode
-    with the same numbers, and `model.train()` / `model.eval()` around each update, each a
-    walk over every module (~1,500 on a 3B VLM), are skipped. Models with remote code keep
-    the switch: their modules are unknown."""
+    dropout, a config's attention dropout), any positive drop / jitter rate a module
+    keeps (drop path, layer drop, MoE router jitter), batch norm, gradient checkpointing
+    (which transformers applies in train mode only), or a family known to (Gemma3n). When
+    none does, an update runs in eval mode with the same numbers, and `model.train()` /
+    `model.eval()` around each update, each a walk over every module (~1,500 on a 3B VLM),
+    are skipped. Models with remote code keep the switch: their modules are unknown."""
     base = hf_model(model)
-    if getattr(base.config, "auto_map", None) or _checkpointing(model):
+    config = base.config
+    families = {config.model_type, getattr(config.get_text_config(), "model_type", None)}
+    if getattr(config, "auto_map", None) or _checkpointing(model):
+        return True
+    if families & set(TRAIN_MODE_FAMILIES):
         return True
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             return True
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             return True
-        for name in ("attention_dropout", "dropout"):  # read as `if self.training` in attention
-            rate = getattr(m, name, None)
-            if isinstance(rate, float | int) and not isinstance(rate, bool) and rate > 0:
+        for name, value in vars(m).items():
+            rate = isinstance(value, float | int) and not isinstance(value, bool)
+            if rate and value > 0 and _TRAIN_ONLY_RATE.search(name):
                 return True
     return False
 

@@ -103,7 +103,7 @@ def devices_text(gpus: list[dict[str, Any]], cpu_count: int | None) -> str:
             "that many data-parallel CPU processes."
         )
     listed = "; ".join(
-        f"**{g['index']}** {g['name']} ({g['free_gib']:.0f} of {g['total_gib']:.0f} GiB free)"
+        f"**{g['index']}** {g['name']} ({g['total_gib']:.0f} GiB)"
         for g in gpus
     )
     return info(
