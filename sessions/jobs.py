@@ -142,6 +142,9 @@ def active(store: Store) -> list[dict[str, Any]]:
     return [_parse(r) for r in rows]
 
 
+STOP_BEFORE_START = "stop_requested"  # an event: a stop asked while the run was starting
+
+
 def request_stop(store: Store, session_id: str) -> str:
     """Ask a running adaptation to stop after its current step; returns a message."""
     with store.transaction("requesting a stop") as db:
@@ -161,6 +164,15 @@ def request_stop(store: Store, session_id: str) -> str:
                 db, session_id, status="stopped", reason="cancelled before it started"
             )
             return "Cancelled before it started."
+        starting = status == "queued" and db.execute(
+            "SELECT 1 FROM jobs WHERE session_id = ? AND kind = 'adapt' AND status = 'running'",
+            [session_id],
+        ).fetchone()
+        if starting:
+            # Its job is claimed but its run has not taken the session over yet (a
+            # data-parallel run's processes start for seconds): the worker watches for this.
+            store.insert_event(db, session_id, STOP_BEFORE_START, {})
+            return "Stopping as soon as the run has started."
         return f"Nothing to stop: the session is {status}."
 
 

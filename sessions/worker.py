@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Statuses of a session whose adaptation failed before its `runs.Run` took it over.
 NOT_TAKEN_OVER = ("queued", "interrupted")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `python -m ttrv` is found
+WATCH_S = 0.5  # how often a waiting worker looks for a stop asked while a run starts
 
 
 def free_memory() -> None:
@@ -249,7 +250,7 @@ class Worker:
             resume = ckpt["path"]
         model = AdaptConfig.from_dict(self.store.get_session(sid)["config"]).model
         if model.data_parallel() > 1:
-            return self._adapt_launched(sid, model, resume)
+            return self._adapt_launched(sid, model, resume, job.get("started") or "")
         with runs.Run(self.store, sid, resume_from=resume) as run:
             cfg, items, loaded = self._session_setup(sid)
             out = self.store.adapter_dir(sid)
@@ -263,7 +264,9 @@ class Worker:
             run.finish(result, adapter)
         return {"status": result.status, "steps": result.steps, "reason": result.reason}
 
-    def _adapt_launched(self, sid: str, model: Any, resume: str | None) -> dict[str, Any]:
+    def _adapt_launched(
+        self, sid: str, model: Any, resume: str | None, claimed: str
+    ) -> dict[str, Any]:
         """A data-parallel run: `python -m ttrv adapt --session` under `accelerate launch`
         (`ttrv.launch`) on the session's devices, recorded by its main process exactly as
         an in-process run records itself (`runs.Run`: heartbeat, stop requests, the end).
@@ -302,12 +305,16 @@ class Worker:
                 )  # fmt: skip
                 self._children.add(child)
             try:
-                code = child.wait()
+                code, stopped_early = self._wait_for_run(child, sid, claimed)
             finally:
-                self._children.discard(child)
+                with self._children_lock:
+                    self._children.discard(child)
         session = self.store.get_session(sid)
         if self._stop.is_set():  # the app is closing: marked interrupted when it next starts
             return {"status": session["status"], "exit_code": code}
+        if stopped_early and session["status"] in (*NOT_TAKEN_OVER, *ACTIVE_STATUSES):
+            self.store.set_status(sid, "stopped", reason="stopped before it started")
+            return {"status": "stopped", "reason": "stopped before it started", "exit_code": code}
         if session["status"] in ACTIVE_STATUSES or session["status"] in NOT_TAKEN_OVER:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
             message = (
@@ -318,6 +325,30 @@ class Worker:
             raise RuntimeError(message)
         return {"status": session["status"], "reason": session.get("reason"),
                 "processes": model.data_parallel(), "exit_code": code}  # fmt: skip
+
+    def _wait_for_run(self, child: Any, sid: str, claimed: str) -> tuple[int, bool]:
+        """Wait for a launched run: (exit code, stopped before it started). A stop asked
+        while its processes start (`jobs.request_stop` leaves a STOP_BEFORE_START event,
+        after `claimed`, when the job was claimed) is passed on once the run has taken the
+        session over, or ends the launch if it has not by the time it is seen."""
+        import subprocess
+
+        passed_on = 0
+        while True:
+            try:
+                return child.wait(timeout=WATCH_S), False
+            except subprocess.TimeoutExpired:
+                pass
+            asked = [e for e in self.store.events(sid, kind=jobs.STOP_BEFORE_START)
+                     if e["created"] >= claimed]  # fmt: skip
+            if len(asked) <= passed_on:
+                continue
+            if self.store.status(sid) in ACTIVE_STATUSES:  # it has begun: stop as usual
+                jobs.request_stop(self.store, sid)
+                passed_on = len(asked)
+                continue
+            child.send_signal(signal.SIGTERM)  # the launcher stops its processes
+            return child.wait(), True
 
     def _answer_phase(self, sid: str, phase: str, with_adapter: bool) -> dict[str, Any]:
         from ttrv.adapt import load_adapter_weights, make_policy

@@ -327,6 +327,16 @@ def test_launched_run_stops_resumes_and_a_killed_one_fails_with_its_log(tiny_mod
     assert jobs_mod.latest(store, "adapt", killed)["status"] == "failed"
     assert not worker._children
 
+    # A stop asked while the processes start (the session still "queued") is not lost.
+    early = new_session(store, cfg, files)
+    jobs_mod.submit(store, "adapt", {}, early)
+    thread = run_in_thread(worker, store)
+    assert jobs_mod.request_stop(store, early) == "Stopping as soon as the run has started."
+    thread.join(120)
+    session = store.get_session(early)
+    assert session["status"] == "stopped", session
+    assert len(store.metrics(early)) <= 1 and not worker._children
+
     # The app closing takes the run's processes with it; the session is then interrupted
     # (resumable), as an in-process run is when the app dies.
     closed = new_session(store, cfg, files)
