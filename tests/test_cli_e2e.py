@@ -110,6 +110,9 @@ def test_resume_continues_the_run_with_its_own_settings(tiny_model_dir, images, 
                  "--n-train", "2", "--max-new-tokens", "3", "--images-per-step", "2",
                  "--rounds", "1", "--reward", "random"]) == 0  # fmt: skip
     capsys.readouterr()
+    # as a run killed after its checkpoint leaves it: a step logged past that point
+    with (out / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "step", "step": 2, "killed": True}) + "\n")
     assert main(["adapt", str(images), "--resume", str(out / "checkpoints" / "round-1"),
                  "--rounds", "2"]) == 0  # fmt: skip
     err = capsys.readouterr().err
@@ -118,7 +121,8 @@ def test_resume_continues_the_run_with_its_own_settings(tiny_model_dir, images, 
     config = json.loads((out / "config.json").read_text())
     assert config["optim"]["rounds"] == 2 and config["task"]["options"] == "cat,dog,bird"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["kind"] == "step"] == [0, 1, 2, 3]
+    assert [e["step"] for e in events if e["kind"] == "step"] == [0, 1, 2, 3]  # once each
+    assert not any(e.get("killed") for e in events)
     warnings = [e["message"] for e in events if e["kind"] == "warning"]
     assert "resuming with optim.rounds = 2 (the run had 1)" in warnings
 

@@ -416,7 +416,7 @@ def _adapt_recorded(
 ) -> int:
     from .adapt import adapt, steps_per_run
     from .evaluate import accuracy
-    from .events import JsonlSink, fanout, null_sink
+    from .events import JsonlSink, fanout, null_sink, rewind_jsonl
     from .loading import load_model
     from .lora import attach_lora, save_adapter
 
@@ -440,6 +440,8 @@ def _adapt_recorded(
         loaded.model = attach_lora(loaded.model, cfg.lora, seed=cfg.optim.seed)
         sink: Any = null_sink  # the other processes' events are the main process's
         if dist.is_main:
+            if args.resume:  # the same folder: its log as of the checkpoint, then this run's
+                rewind_jsonl(out / "events.jsonl", args.resume)
             jsonl = JsonlSink(out / "events.jsonl")
             sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
             for note in getattr(args, "notes", ()):  # kept with the run (and its session)

@@ -28,7 +28,7 @@ SPLIT_SIZES = {"train": 900, "val": 100, "test": 797}  # sums to the 1,797 image
 IMAGE_SIZE = 32  # side of the images in the split (pixels)
 DIGITS = [str(d) for d in range(10)]
 MC_QUESTION = "Which digit is shown?"  # the question of the multiple-choice protocol
-DIGITS_PREFIX = Path(BUNDLED_MODEL).name  # the bundled model and its siblings (-offformat)'
+DIGITS_PREFIX = Path(BUNDLED_MODEL).name  # the bundled model and its siblings (-offformat)
 
 
 def digit_image(pixels, size: int = IMAGE_SIZE) -> Image.Image:

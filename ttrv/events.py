@@ -91,6 +91,31 @@ class JsonlSink:
             f.write(line + "\n")
 
 
+def rewind_jsonl(path: str | Path, checkpoint: str | Path) -> int:
+    """Cut an events file back to the "checkpoint" event of `checkpoint`, for a run that
+    resumes from it in the same folder: what the interrupted run logged after that point
+    is logged again by the resumed run, so it would appear twice. Returns the number of
+    lines dropped (0 when the file or the event is not there: nothing is cut)."""
+    path, target = Path(path), Path(checkpoint).resolve()
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = None
+    for i, line in enumerate(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("kind") == "checkpoint" and Path(event.get("path", "")).resolve() == target:
+            cut = i + 1
+    if cut is None:
+        return 0
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines[:cut]), encoding="utf-8")
+    tmp.replace(path)
+    return len(lines) - cut
+
+
 def fanout(*sinks: Sink) -> Sink:
     """One sink that forwards every event to several."""
 
