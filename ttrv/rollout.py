@@ -330,7 +330,7 @@ def _generate_on_shared_prefix(
         kw["position_ids"] = position_ids(mask[:, :-1])
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
                 logits_to_keep=1, **kw)  # fmt: skip
-    cache = _cache_of(out)
+    cache = kv_cache_of(out)
     cache.reorder_cache(rows)
     return model.generate(input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **gen_kwargs)
 
@@ -534,7 +534,7 @@ def train_mode_matters(model: Any) -> bool:
     base = hf_model(model)
     config = base.config
     families = {config.model_type, getattr(config.get_text_config(), "model_type", None)}
-    if getattr(config, "auto_map", None) or _checkpointing(model):
+    if getattr(config, "auto_map", None) or is_checkpointing(model):
         return True
     if families & set(TRAIN_MODE_FAMILIES):
         return True
@@ -550,7 +550,7 @@ def train_mode_matters(model: Any) -> bool:
     return False
 
 
-def _checkpointing(model: Any) -> bool:
+def is_checkpointing(model: Any) -> bool:
     # transformers turns the KV cache off in train mode under gradient checkpointing.
     base = hf_model(model)
     flag = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.2x name
@@ -561,7 +561,7 @@ def _checkpointing(model: Any) -> bool:
 GREEDY_BATCH = 32
 
 
-def _cache_of(out: Any) -> Any:
+def kv_cache_of(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 

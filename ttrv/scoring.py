@@ -28,9 +28,9 @@ from .batching import (
 )
 from .rollout import (
     Encoded,
-    _cache_of,
-    _checkpointing,
     hf_model,
+    is_checkpointing,
+    kv_cache_of,
     stackable,
     supports_shared_prefix,
     text_positions,
@@ -243,14 +243,14 @@ def batch_logprobs(
     mask = left_pad([e.attention_mask for e in encoded], 0)  # [M, P]
     rows = row_index(counts, device)  # [R]
     positions = text_positions(model)
-    if shared_prefix and not _checkpointing(model):
+    if shared_prefix and not is_checkpointing(model):
         kw = stack_kwargs([e.model_kwargs for e in encoded], range(len(encoded)))
         if positions:
             kw["position_ids"] = position_ids(mask)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
         logits = out.logits[:, -1:, :][rows]  # [R, 1, V]: predicts token 0
         if t > 1:
-            cache = _cache_of(out)
+            cache = kv_cache_of(out)
             cache.reorder_cache(rows)
             attn = torch.cat([mask[rows], cmask.long()], dim=1)[:, :-1]
             extra = {}
