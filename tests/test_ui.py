@@ -908,3 +908,18 @@ def test_progress_shows_fast_steps_with_two_significant_figures():
 
     assert "0.043 s/step" in shown(0.043)  # was "0.0 s/step"
     assert "1.5 s/step" in shown(1.54) and "12 s/step" in shown(12.3)
+
+
+def test_consensus_chart_puts_first_and_last_steps_side_by_side():
+    from ui.charts import answers_figure, consensus_figure
+
+    assert consensus_figure({"first": [0] * 10, "last": [0] * 10}) is None  # no step yet
+    fig = consensus_figure({"first": [2] + [0] * 9, "last": [0] * 9 + [2]})
+    first, last = fig.data
+    assert (first.name, list(first.y)[0], last.name, list(last.y)[-1]) == (
+        "first sampled", 2, "last sampled", 2
+    )
+    assert list(first.x)[0] == "0-10%" and list(first.x)[-1] == "90-100%"
+    # a series that is absent keeps the other's colour (after is always the blue one)
+    (only_after,) = answers_figure([{"before": None, "after": "A"}]).data
+    assert only_after.name == "after" and only_after.marker.color == last.marker.color

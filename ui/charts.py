@@ -513,22 +513,32 @@ def collapse_warning(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def before_after_bars(
+    x: list[str], series: list[tuple[str, list[int]] | None], title: str, height: int = 280
+) -> go.Figure:
+    """Grouped bars of images per category, an earlier series (grey) beside a later one
+    (blue), either None when absent: Inspect's answers and consensus charts."""
+    fig = go.Figure()
+    for entry, color in zip(series, ("#94a3b8", "#2563eb"), strict=True):
+        if entry is not None:
+            fig.add_trace(go.Bar(x=x, y=entry[1], name=entry[0], marker_color=color))
+    fig.update_layout(
+        barmode="group", height=height, template="plotly_white",
+        margin={"l": 40, "r": 10, "t": 30, "b": 30},
+        title={"text": title, "font": {"size": 13}},
+        yaxis_title="images", legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
+    )  # fmt: skip
+    return fig
+
+
 def answers_figure(rows: list[dict[str, Any]], height: int = 280) -> go.Figure:
     """Greedy answers across all images: how many images gave each answer, before vs after."""
     before, after = answer_counts(rows, "before"), answer_counts(rows, "after")
     labels = [a for a, _ in (before + after).most_common()]
-    fig = go.Figure()
-    for name, counts, color in (("before", before, "#94a3b8"), ("after", after, "#2563eb")):
-        if counts:
-            fig.add_trace(go.Bar(x=[str(a) for a in labels], y=[counts.get(a, 0) for a in labels],
-                                 name=name, marker_color=color))  # fmt: skip
-    fig.update_layout(
-        barmode="group", height=height, template="plotly_white",
-        margin={"l": 40, "r": 10, "t": 30, "b": 30},
-        title={"text": "greedy answer of each image, before vs after", "font": {"size": 13}},
-        yaxis_title="images", legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
-    )  # fmt: skip
-    return fig
+    series = [(name, [counts.get(a, 0) for a in labels]) if counts else None
+              for name, counts in (("before", before), ("after", after))]  # fmt: skip
+    return before_after_bars([str(a) for a in labels], series,
+                             "greedy answer of each image, before vs after", height)  # fmt: skip
 
 
 def consensus_figure(bins: dict[str, list[int]], height: int = 280) -> go.Figure | None:
@@ -538,17 +548,10 @@ def consensus_figure(bins: dict[str, list[int]], height: int = 280) -> go.Figure
     if not any(sum(b) for b in bins.values()):
         return None
     labels = [f"{10 * i}-{10 * i + 10}%" for i in range(10)]
-    fig = go.Figure()
-    for name, key, color in (("first sampled", "first", "#94a3b8"),
-                             ("last sampled", "last", "#2563eb")):  # fmt: skip
-        fig.add_trace(go.Bar(x=labels, y=bins.get(key, [0] * 10), name=name, marker_color=color))
-    fig.update_layout(
-        barmode="group", height=height, template="plotly_white",
-        margin={"l": 40, "r": 10, "t": 30, "b": 30},
-        title={"text": "consensus of each image's rollouts, first vs last step", "font": {"size": 13}},
-        yaxis_title="images", legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
-    )  # fmt: skip
-    return fig
+    series = [("first sampled", bins.get("first", [0] * 10)),
+              ("last sampled", bins.get("last", [0] * 10))]  # fmt: skip
+    return before_after_bars(labels, series,
+                             "consensus of each image's rollouts, first vs last step", height)  # fmt: skip
 
 
 def matches_filter(row: dict[str, Any], stats: dict[str, Any], which: str) -> bool:
