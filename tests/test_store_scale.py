@@ -366,6 +366,30 @@ def test_consensus_bins_count_each_images_first_and_last_sampled_step(
     assert got["first"] != got["last"]  # the fixture's rounds differ: not one read twice
 
 
+def test_consensus_range_filter_picks_the_images_of_those_bins(store: Store, session: str) -> None:
+    """Inspect's consensus range (tenths at the last sampled step, as the histogram bins
+    them): the images whose latest rollouts agree that much, and only those; combined
+    with another filter, both hold."""
+    stats = legacy_stats(store, session)
+    order = [r["image_id"] for r in legacy_answers(store, session)]
+
+    def bin_of(image_id: str) -> int | None:
+        st = stats.get(image_id)
+        return None if not st or not st["n"] else min(9, int(10 * st["consensus"]))
+
+    seen = 0
+    for lo, hi in ((0, 2), (3, 5), (6, 8), (9, 9), (0, 9)):
+        want = [i for i in order if bin_of(i) is not None and lo <= bin_of(i) <= hi]
+        page = store.inspect_page(session, consensus=(lo, hi))
+        assert [r["image_id"] for r in page["rows"]] == want and page["total"] == len(want)
+        seen += len(want) * (hi - lo < 9)
+    assert seen == sum(bin_of(i) is not None for i in order) > 0  # the ranges cover all
+    both = store.inspect_page(session, "changed", consensus=(0, 9))["rows"]
+    changed = store.inspect_page(session, "changed")["rows"]
+    assert [r["image_id"] for r in both] == [r["image_id"] for r in changed
+                                            if bin_of(r["image_id"]) is not None]  # fmt: skip
+
+
 def test_inspect_page_filters_as_the_rows_do(store: Store, session: str) -> None:
     """The SQL filters (and answer / label values) pick the images `matches_filter` and
     `matches_values` picked from every row, in image order, and a page is a slice."""

@@ -883,6 +883,12 @@ def test_finished_run_headline_and_why_it_ended_early(app):
     assert sorted(v for _, v in labels["choices"] if v) == sorted({a["label"] for a in stored})
     _, *_, pick, _, _, _, _ = c.predict("all", None, "", label, api_name="/inspect_refresh")
     assert len(pick["choices"]) == sum(norm(a["label"]) == norm(label) for a in stored)
+    # by consensus at the last sampled step: the histogram's top tenths, as the store has it
+    summary, *_, pick, _, _, _, _ = c.predict("all", None, "", "", "9-9",
+                                              api_name="/inspect_refresh")  # fmt: skip
+    agreed = app.store.inspect_page(sid, consensus=(9, 9))
+    assert [v for _, v in pick["choices"]] == [r["image_id"] for r in agreed["rows"]]
+    assert f"{agreed['total']} image(s) shown with consensus 90-100%" in html.unescape(summary)
     assert app.store.delete_session(sid) is None
 
 

@@ -3,7 +3,8 @@
 Per image: its N rollouts grouped by answer (counts, rewards, advantages), a reward
 histogram, the greedy answer before and after and whether it flipped. Filters pick the
 images that changed, stayed uncertain, are wrong (when labels exist) or invalid, and those
-with a given answer (before or after) or label. Across
+with a given answer (before or after), label or consensus range at their last sampled
+step. Across
 images: the answer distribution before vs after, with a warning when the model is
 collapsing onto one answer, the consensus of each image's rollouts at its first vs last
 sampled step, and the guard's events.
@@ -27,6 +28,24 @@ FILTERS = {
     "wrong": "Wrong (needs labels)",
     "invalid": "Invalid",
 }
+# Consensus ranges at an image's last sampled step, as tenths of the histogram: value
+# "first-last" bin (0-9), shown as a percentage range; "" is any.
+CONSENSUS_RANGES = {"": "any", "0-2": "0-30%", "3-5": "30-60%", "6-8": "60-90%",
+                    "9-9": "90-100%"}  # fmt: skip
+
+
+def consensus_bins(value: str | None) -> tuple[int, int] | None:
+    """A CONSENSUS_RANGES value as (first bin, last bin); None for any."""
+    if not value:
+        return None
+    if value not in CONSENSUS_RANGES:
+        raise ValueError(
+            f"Unknown consensus range {value!r}: one of {', '.join(CONSENSUS_RANGES)}."
+        )
+    lo, hi = value.split("-")
+    return int(lo), int(hi)
+
+
 GROUP_HEADERS = ["answer", "count", "share", "frequency", "entropy term", "reward", "advantage",
                  "trained", "example response"]  # fmt: skip
 TICK_S = 2.0  # live refresh while a run is active and this tab is shown
@@ -160,6 +179,9 @@ def build(ctx: Context) -> dict[str, Any]:
                                   scale=1)  # fmt: skip
         label_pick = gr.Dropdown([("any", "")], value="", label="Label", allow_custom_value=True,
                                  elem_id="inspect-label", scale=1)  # fmt: skip
+        consensus_pick = gr.Dropdown([(v, k) for k, v in CONSENSUS_RANGES.items()], value="",
+                                     label="Consensus (last step)", elem_id="inspect-consensus-range",
+                                     scale=1)  # fmt: skip
         refresh_btn = gr.Button("↻ Refresh", scale=0, elem_id="inspect-refresh")
     summary = gr.Markdown(elem_id="inspect-summary")
     collapse = gr.Markdown(elem_id="inspect-collapse")
@@ -202,19 +224,22 @@ def build(ctx: Context) -> dict[str, Any]:
 
     @guarded(outputs=11)
     def refresh(sid: str | None, filt: str, current: str | None, answer: str | None = "",
-                label: str | None = "") -> tuple:  # fmt: skip
+                label: str | None = "", consensus: str | None = "") -> tuple:  # fmt: skip
         if not sid:
             return (info("No session yet: start an adaptation or open one in Sessions."),
                     "", gr.skip(), [], gr.Dropdown(choices=[], value=None), [], "", None,
                     gr.skip(), gr.skip(), None)  # fmt: skip
         session = ctx.store.get_session(sid)
         summary = ctx.store.inspect_summary(sid)  # SQL aggregates, no per-image rows
-        page = ctx.store.inspect_page(sid, filt, answer, label, limit=GALLERY_LIMIT)
+        page = ctx.store.inspect_page(sid, filt, answer, label, consensus=consensus_bins(consensus),
+                                      limit=GALLERY_LIMIT)  # fmt: skip
         shown = page["rows"]  # the first page of the images passing the filters
         note = ""
-        if answer or label:
+        if answer or label or consensus:
             named = " and ".join(
-                [f"answer {answer!r}"] * bool(answer) + [f"label {label!r}"] * bool(label)
+                [f"answer {answer!r}"] * bool(answer)
+                + [f"label {label!r}"] * bool(label)
+                + [f"consensus {CONSENSUS_RANGES[consensus]}"] * bool(consensus)
             )
             note += f"\n\n{page['total']} image(s) shown with {html.escape(named)}."
         if filt == "wrong" and not summary["labels"]:
@@ -276,7 +301,7 @@ def build(ctx: Context) -> dict[str, Any]:
         return ids[evt.index] if 0 <= evt.index < len(ids) else gr.skip()
 
     def live(sid: str | None, filt: str, current: str | None, answer: str | None,
-             label: str | None, last: Any) -> tuple:  # fmt: skip
+             label: str | None, consensus: str | None, last: Any) -> tuple:  # fmt: skip
         """The timer's refresh: the overview and the shown image, redrawn only when the
         session moved on since the last tick (a finished session is drawn once)."""
         skip = (gr.skip(),) * (len(outs) + len(detail_outs) + 1)
@@ -288,7 +313,7 @@ def build(ctx: Context) -> dict[str, Any]:
             return skip
         if fingerprint == last:
             return skip
-        overview_parts = refresh(sid, filt, current, answer, label)
+        overview_parts = refresh(sid, filt, current, answer, label, consensus)
         shown = overview_parts[7] if isinstance(overview_parts[7], str) else None
         return (*overview_parts, *show_image(sid, shown), fingerprint)
 
@@ -299,12 +324,12 @@ def build(ctx: Context) -> dict[str, Any]:
     outs = [summary, collapse, distribution, gallery, image_pick, shown_ids, guard, hidden,
             answer_pick, label_pick, consensus]  # fmt: skip
     detail_outs = [picture, detail, groups, rewards, sign]
-    refresh_inputs = [ctx.session, which, image_pick, answer_pick, label_pick]
+    refresh_inputs = [ctx.session, which, image_pick, answer_pick, label_pick, consensus_pick]
     refresh_btn.click(refresh, refresh_inputs, outs, api_name="inspect_refresh").then(
         show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
     )
     # The value dropdowns are also set by `refresh` itself: they follow user input only.
-    for event in (which.change, answer_pick.input, label_pick.input):
+    for event in (which.change, answer_pick.input, label_pick.input, consensus_pick.input):
         event(refresh, refresh_inputs, outs, api_visibility="private").then(
             show_image, [ctx.session, hidden], detail_outs, api_visibility="private"
         )

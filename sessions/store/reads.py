@@ -76,6 +76,12 @@ FILTER_SQL = {
     "ttrv_norm(label) ELSE before IS NOT NULL AND ttrv_norm(before) != ttrv_norm(label) END)",
     "invalid": "(coalesce(after, before) = '<invalid>' OR invalid * 2 >= n)",
 }
+# An image's consensus at its last sampled step, in tenths as Inspect's histogram bins it
+# (`Reads._consensus_bins`), within [:bin_lo, :bin_hi]; any when :bin_lo < 0.
+CONSENSUS_SQL = (
+    "(:bin_lo < 0 OR (n > 0 AND min(9, CAST(10.0 * top / n AS INTEGER)) "
+    "BETWEEN :bin_lo AND :bin_hi))"
+)
 # An answer given before or after (any when empty) and a label (any when empty).
 VALUES_SQL = (
     "(:answer = '' OR ttrv_norm(:answer) IN (ttrv_norm(before), ttrv_norm(after))) AND "
@@ -342,21 +348,26 @@ class ReadModels(StoreBase):
         answer: str | None = "",
         label: str | None = "",
         *,
+        consensus: tuple[int, int] | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> dict[str, Any]:
         """The images Inspect shows for a filter (`FILTER_SQL`), an answer given before or
-        after and a label (each compared as the store compares answers; empty: any):
-        `total` (images passing) and, for a page of them in image order, `rows` (`answers`
-        rows) and `thumbs` ({image_id: thumbnail path or None})."""
+        after, a label (each compared as the store compares answers; empty: any) and a
+        range of consensus tenths at the last sampled step (`consensus`: first and last
+        bin, 0-9, as the histogram bins it; None: any): `total` (images passing) and, for
+        a page of them in image order, `rows` (`answers` rows) and `thumbs` ({image_id:
+        thumbnail path or None})."""
         if which not in FILTER_SQL:
             raise StoreError(f"Unknown filter {which!r}: one of {', '.join(FILTER_SQL)}.")
-        params = {"sid": session_id, "answer": answer or "", "label": label or ""}
+        lo, hi = consensus if consensus is not None else (-1, -1)
+        params = {"sid": session_id, "answer": answer or "", "label": label or "",
+                  "bin_lo": lo, "bin_hi": hi}  # fmt: skip
         with self.snapshot("reading a page of images") as db:
             self.session_row(db, session_id)
             ids = [r[0] for r in _with_norm(db).execute(
                 PER_IMAGE + f"SELECT image_id FROM per_image WHERE {FILTER_SQL[which]} AND "
-                f"{VALUES_SQL} ORDER BY position",
+                f"{VALUES_SQL} AND {CONSENSUS_SQL} ORDER BY position",
                 params,
             )]  # fmt: skip
             page = ids[offset : None if limit is None else offset + limit]
