@@ -266,3 +266,27 @@ def test_answer_distribution():
     assert dist == {"7": 5 / 8, INVALID: 2 / 8, "1": 1 / 8}
     assert list(dist) == ["7", INVALID, "1"]  # most common first
     assert answer_distribution([]) == {}
+
+
+def test_labels_that_are_no_answer_of_the_task_are_not_scored():
+    """A digit label on a yes/no task is no answer of it: it used to become <invalid> like
+    the model's invalid answers, so a model answering nothing valid scored 100%."""
+    from PIL import Image
+
+    from ttrv.answers import INVALID
+    from ttrv.config import TaskConfig
+    from ttrv.evaluate import accuracy, correct, unscorable_labels
+    from ttrv.tasks import Item
+
+    yes_no = TaskConfig(kind="yes_no", question="Is this a seven?")
+    blank = Image.new("RGB", (4, 4))
+    items = [Item(f"i{k}", f"{k}.png", blank, label=label)
+             for k, label in enumerate(["5", "7", "yes", "no"])]  # fmt: skip
+    answers = [{"image_id": f"i{k}", "answer": INVALID} for k in range(4)]
+    assert correct(INVALID, "5", yes_no) is None
+    assert accuracy(answers[:2], items[:2], yes_no) is None  # nothing scorable: no accuracy
+    assert accuracy(answers, items, yes_no) == 0.0  # yes/no labels: invalid answers are wrong
+    right = [{"image_id": "i2", "answer": "yes"}, {"image_id": "i3", "answer": "yes"}]
+    assert accuracy(right, items, yes_no) == 0.5
+    assert unscorable_labels(items, yes_no) == ["5", "7"]
+    assert unscorable_labels(items, TaskConfig()) == []  # an open task takes any text

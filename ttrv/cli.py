@@ -162,6 +162,18 @@ def _load_items(paths: list[str], labels: Path | None, quiet: bool = False) -> l
     return items
 
 
+def _warn_labels(items: list[Any], cfg: AdaptConfig) -> None:
+    """Labels that are no answer of the task are not scored: said, with examples."""
+    from .evaluate import unscorable_labels
+
+    odd = unscorable_labels(items, cfg.task)
+    if odd:
+        shown = ", ".join(repr(x) for x in odd[:3]) + (", ..." if len(odd) > 3 else "")
+        print(f"warning: {len(odd)} label value(s) are no answer of this "
+              f"{cfg.task.kind.replace('_', ' ')} task ({shown}): those images are not "
+              "scored (the labels must be answers the task asks for)", file=sys.stderr)  # fmt: skip
+
+
 def _warn_task(cfg: AdaptConfig) -> None:
     """The app's notes on asking this model this task (`ttrv.digits.task_notes`)."""
     from .digits import task_notes
@@ -263,6 +275,8 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
         return _relaunch(cfg, argv)
     dist = current()  # joins the launcher's group, if any, before the model is loaded
     items = _load_items(args.images, args.labels, quiet=not dist.is_main)
+    if dist.is_main:
+        _warn_labels(items, cfg)
     if args.review and not any(it.label is not None for it in items):
         raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
     return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
@@ -501,15 +515,14 @@ def play_review(
     verdict is applied: keep the adapter, or put the unadapted weights back (the adapted
     ones are kept in `adapter-rejected/`) and make the answers after equal those before."""
     from .adapt import unadapted_state
-    from .answers import canonical_label
+    from .evaluate import gold
     from .lora import load_adapter_state, save_adapter
     from .review import labelled_review
 
     before = {b["image_id"]: b["answer"] for b in result.before}
     after = {a["image_id"]: a["answer"] for a in result.after}
-    labels = {
-        it.image_id: canonical_label(it.label, cfg.task) for it in items if it.label is not None
-    }
+    golds = {it.image_id: gold(it.label, cfg.task) for it in items if it.label is not None}
+    labels = {image_id: g for image_id, g in golds.items() if g is not None}  # scorable only
     marks, v = labelled_review(before, after, labels, cfg.optim.seed, n)
     applied = "keep"
     if v.recommendation == "revert":
@@ -557,6 +570,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     _warn_task(cfg)
     try:
         items = _load_items(args.images, args.labels)
+        _warn_labels(items, cfg)
     except ImageError as e:
         # Said here, before loading the model imports torch (seconds, hundreds of MB);
         # `main` would import the model loader just to recognise this error.
@@ -585,13 +599,12 @@ def cmd_answer(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"name": it.name, **a, "label": it.label}))
         else:
-            mark = (
-                ""
-                if it.label is None
-                else ("  ok" if correct(a["answer"], it.label, cfg.task) else "  x")
-            )
+            verdict = None if it.label is None else correct(a["answer"], it.label, cfg.task)
+            mark = {True: "  ok", False: "  x", None: ""}[verdict]
             print(f"{it.name:30s} {a['answer']:12s} {a['response']!r}{mark}")
     acc = accuracy(answers, items, cfg.task)
     if acc is not None:
-        print(f"accuracy: {acc:.1%} on {len(items)} labelled images", file=sys.stderr)
+        scored = sum(it.label is not None and correct(a["answer"], it.label, cfg.task) is not None
+                     for it, a in zip(items, answers, strict=True))  # fmt: skip
+        print(f"accuracy: {acc:.1%} on {scored} labelled images", file=sys.stderr)
     return 0
