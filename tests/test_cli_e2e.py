@@ -141,3 +141,16 @@ def test_run_summary_says_in_words_how_it_ended_and_what_was_kept(tmp_path):
     assert "kept: nothing - the saved adapter answers as the unadapted model" in text
     partial = _summary_text({**tripped, "rolled_back_to": 4}, tmp_path)
     assert "kept: the weights after step 4" in partial
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_folder(tmp_path, capsys):
+    """`--out` naming a folder that already holds a run is refused before anything is
+    read or written (it replaced that run's adapter and mixed the two runs' logs)."""
+    from ttrv.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "events.jsonl").write_text('{"kind": "run_start"}\n')
+    assert main(["adapt", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "events.jsonl").read_text() == '{"kind": "run_start"}\n'

@@ -267,6 +267,13 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
                 print(f"warning: {note}", file=sys.stderr)
     if args.review < 0:
         raise ConfigError(f"--review must be >= 0 (got {args.review}).")
+    if not args.resume and args.out is not None and (args.out / "events.jsonl").exists():
+        # A second run there would replace its adapter and mix two runs' events and
+        # checkpoints (which --resume could then pick from the wrong run).
+        raise ConfigError(
+            f"{args.out} already holds a run: give another --out, or continue that run with "
+            f"--resume {args.out / 'checkpoints'}/<its latest>."
+        )
     if not launched():  # GPUs this machine lacks: said before images are read or launched
         from .placement import check_gpus
 
