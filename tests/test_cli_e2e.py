@@ -141,6 +141,11 @@ def test_run_summary_says_in_words_how_it_ended_and_what_was_kept(tmp_path):
     assert "kept: nothing - the saved adapter answers as the unadapted model" in text
     partial = _summary_text({**tripped, "rolled_back_to": 4}, tmp_path)
     assert "kept: the weights after step 4" in partial
+    # a review after the guard restored the unadapted model has nothing to keep
+    reviewed = {**tripped, "review": {"verdict": {"message": "0 flips"}, "applied": "keep"}}
+    text = _summary_text(reviewed, tmp_path)
+    assert "review applied: keep the adapter" not in text
+    assert "nothing to keep or revert (the guard already restored" in text
 
 
 def test_a_new_run_never_overwrites_an_earlier_run_folder(tmp_path, capsys):
@@ -154,3 +159,14 @@ def test_a_new_run_never_overwrites_an_earlier_run_folder(tmp_path, capsys):
     assert main(["adapt", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "events.jsonl").read_text() == '{"kind": "run_start"}\n'
+
+
+def test_review_with_labels_that_name_no_image_says_so(images, tmp_path, capsys):
+    from ttrv.cli import main
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nother.png,3\n")
+    assert main(["adapt", str(images), "--labels", str(labels), "--review", "5", "--out",
+                 str(tmp_path / "r")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "no row of" in err and "names one of these images" in err

@@ -285,7 +285,13 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
     if dist.is_main:
         _warn_labels(items, cfg)
     if args.review and not any(it.label is not None for it in items):
-        raise ConfigError("--review plays a reviewer from the labels: give --labels CSV.")
+        raise ConfigError(
+            "--review plays a reviewer from the labels: give --labels CSV."
+            if args.labels is None
+            else f"--review plays a reviewer from the labels, but no row of {args.labels} "
+            "names one of these images (its file column holds names like 0001.png, or "
+            "paths relative to the image folder)."
+        )
     return _adapt_in_group(args, cfg, items, dist, runs=_store_front_end() if args.store else None)
 
 
@@ -560,12 +566,14 @@ def _summary_text(s: dict[str, Any], out: Path) -> str:
     if s.get("review"):
         lines.append(f"review: {s['review']['verdict']['message']}")
         applied = s["review"]["applied"]
-        lines.append(
-            "review applied: keep the adapter"
-            if applied == "keep"
-            else "review applied: reverted to the unadapted model (the adapted weights are in "
-            "adapter-rejected/)"
-        )
+        if applied == "revert":
+            lines.append("review applied: reverted to the unadapted model (the adapted weights "
+                         "are in adapter-rejected/)")  # fmt: skip
+        elif s["status"] == "guard_stopped" and s["rolled_back_to"] == 0:
+            lines.append("review: nothing to keep or revert (the guard already restored the "
+                         "unadapted model)")  # fmt: skip
+        else:
+            lines.append("review applied: keep the adapter")
     lines.append(f"events, answers and adapter in {out}")
     return "\n".join(lines)
 

@@ -197,7 +197,7 @@ def task_notes(model: str, task: TaskConfig) -> list[str]:
     if task.question.strip() != trained[task.kind]:
         return [
             f"The digits model was trained on the question {trained[task.kind]!r} for this "
-            "task kind; other wording gets digit-like answers or junk. Use that question "
-            "(the default) with this model."
+            "task kind; other wording gets digit-like answers or junk. Ask it that question "
+            "(--question / the Task tab)."
         ]
     return []
