@@ -170,3 +170,21 @@ def test_review_with_labels_that_name_no_image_says_so(images, tmp_path, capsys)
                  str(tmp_path / "r")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "no row of" in err and "names one of these images" in err
+
+
+def test_cli_warns_as_the_app_does_about_images_unlike_the_digits(tmp_path, capsys):
+    from ttrv.cli import _warn_images
+    from ttrv.config import AdaptConfig
+    from ttrv.images import load_items
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "noise.png"
+    )
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "plain.png")
+    items, _ = load_items([str(tmp_path)])
+    _warn_images(items, AdaptConfig())  # the bundled digits model
+    err = capsys.readouterr().err
+    assert "1 of 2 images do not look like" in err and "noise.png (in colour" in err
+    other = AdaptConfig.from_dict({"model": {"model": str(tmp_path)}})
+    _warn_images(items, other)  # another model: the digits check does not apply
+    assert capsys.readouterr().err == ""

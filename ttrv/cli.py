@@ -182,6 +182,22 @@ def _warn_task(cfg: AdaptConfig) -> None:
         print(f"warning: {note}", file=sys.stderr)
 
 
+def _warn_images(items: list[Any], cfg: AdaptConfig) -> None:
+    """As the app warns: for the digits model, the images unlike its training data."""
+    from .digits import is_digits_model, unlike_training_digits
+
+    if not is_digits_model(cfg.model.model):
+        return
+    off = [(it.name, r) for it in items if (r := unlike_training_digits(it.image))]
+    if off:
+        named = "; ".join(f"{n} ({', '.join(r)})" for n, r in off[:5])
+        more = f"; and {len(off) - 5} more" if len(off) > 5 else ""
+        print(f"warning: {len(off)} of {len(items)} images do not look like what this model "
+              f"was trained on (8x8 grey handwritten digits, dark on white): {named}{more}. "
+              "It answers a digit (or junk) for anything; adapting on them teaches it nothing "
+              "useful.", file=sys.stderr)  # fmt: skip
+
+
 def _progress(total: int):
     """A sink that prints one line per step with rate and ETA."""
     start = time.perf_counter()
@@ -284,6 +300,7 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
     items = _load_items(args.images, args.labels, quiet=not dist.is_main)
     if dist.is_main:
         _warn_labels(items, cfg)
+        _warn_images(items, cfg)
     if args.review and not any(it.label is not None for it in items):
         raise ConfigError(
             "--review plays a reviewer from the labels: give --labels CSV."
@@ -586,6 +603,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     try:
         items = _load_items(args.images, args.labels)
         _warn_labels(items, cfg)
+        _warn_images(items, cfg)
     except ImageError as e:
         # Said here, before loading the model imports torch (seconds, hundreds of MB);
         # `main` would import the model loader just to recognise this error.
