@@ -137,6 +137,13 @@ def test_forecast_outlooks():
     some = forecast([INVALID] * 11 + ["A"] * 9, [["A", "A", INVALID, INVALID, "A"]] * 20)
     assert (some.greedy_invalid, some.sampled_invalid) == (0.55, pytest.approx(0.4))
     assert some.outlook != "no_format"
+    # one answer for most images is named as a likely bias (the digits model asked other
+    # wording answered '7' on 13 of 24 images at 4% accuracy: "little to gain" alone)
+    biased = forecast(["7"] * 6 + ["1", "2", "3", "4"], [["7", "7", "7", "7"]] * 6
+                      + [["1"] * 4, ["2"] * 4, ["3"] * 4, ["4"] * 4])  # fmt: skip
+    assert biased.outlook == "little_gain"
+    assert "60% of the images get the same answer ('7')" in biased.message
+    assert "same answer" not in mixed.message  # A and B on half each: no single answer
     assert forecast([], []).images == 0
     with pytest.raises(ValueError):
         forecast(["A"], [])

@@ -33,6 +33,10 @@ from .answers import INVALID
 FORMAT_GREEDY_INVALID = 0.5
 FORMAT_SAMPLED_VALID_GAIN = 0.2
 AGREEMENT_HIGH = 0.9
+# One greedy answer on more than this share of the images (of at least BIAS_MIN_IMAGES)
+# is named in the forecast as a likely bias.
+BIAS_SHARE = 0.5
+BIAS_MIN_IMAGES = 8
 
 
 @dataclass
@@ -113,12 +117,14 @@ def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecas
             "that answers in this format.",
             *stats,
         )
+    bias = one_answer_note(greedy)
     if agree >= AGREEMENT_HIGH:
         return Forecast(
             "little_gain",
             f"Little to gain: the greedy answer already is the vote on {agree:.0%} of {n} "
             f"images (mean consensus {consensus:.0%}); adapting mostly sharpens what the "
-            "model prefers, errors and biases included. Review the flips before keeping it.",
+            "model prefers, errors and biases included. Review the flips before keeping it."
+            + bias,
             *stats,
         )
     return Forecast(
@@ -127,6 +133,23 @@ def forecast(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> Forecas
         f"{1 - greedy_invalid:.0%} of {n} images, and the vote differs from greedy on "
         f"{1 - agree:.0%} of them (mean consensus {consensus:.0%}). Adaptation moves those "
         "answers towards the vote, which helps only where the vote is right more often than "
-        "greedy; only labels can tell. Review the flips before keeping it.",
+        "greedy; only labels can tell. Review the flips before keeping it." + bias,
         *stats,
+    )
+
+
+def one_answer_note(greedy: Sequence[str]) -> str:
+    """" Note: ..." when one valid answer is the greedy answer of more than half of the
+    images (at least `BIAS_MIN_IMAGES`): likely a bias rather than what the images show,
+    and adaptation reinforces what the model prefers; "" otherwise."""
+    valid = [g for g in greedy if g != INVALID]
+    if len(greedy) < BIAS_MIN_IMAGES or not valid:
+        return ""
+    answer, count = Counter(valid).most_common(1)[0]
+    share = count / len(greedy)
+    if share <= BIAS_SHARE:
+        return ""
+    return (
+        f" Note: {share:.0%} of the images get the same answer ({answer!r}): unless they "
+        "really show the same thing, that is a bias, and adapting would reinforce it."
     )
