@@ -134,6 +134,10 @@ def test_run_summary_says_in_words_how_it_ended_and_what_was_kept(tmp_path):
             "rolled_back_to": None}  # fmt: skip
     done = _summary_text({**base, "status": "done", "reason": "all rounds finished"}, tmp_path)
     assert done.startswith("finished after 6 steps: all rounds finished") and "kept:" not in done
+    assert "planned steps" not in done
+    early = _summary_text({**base, "status": "done", "reason": "all rounds finished",
+                           "planned_steps": 12}, tmp_path)  # fmt: skip
+    assert "(6 of the 12 planned steps were not needed" in early
     reason = "invalid answers rose from 12% to 36%. Rolled back to the unadapted model."
     tripped = {**base, "status": "guard_stopped", "reason": reason, "rolled_back_to": 0}
     text = _summary_text(tripped, tmp_path)

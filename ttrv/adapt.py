@@ -599,8 +599,10 @@ def adapt(
                 "reason": (
                     "clearly healthy: these weights are the rollback target"
                     if d.healthy
-                    else f"within bounds but near them ({d.near}); the rollback target "
-                    f"stays {guard_mod.target_label(target_step)}"
+                    else f"within the guard's bounds but near one, past "
+                    f"{cfg.guard.healthy_margin:.0%} of it ({d.near}; the number after > is that "
+                    f"{cfg.guard.healthy_margin:.0%} line); the rollback target stays "
+                    f"{guard_mod.target_label(target_step)}"
                 ),
                 "rolled_back_to": None,
                 "target_step": target_step,

@@ -529,6 +529,7 @@ def _adapt_recorded(
             accuracy_before if review and review["applied"] == "revert" else accuracy_run
         ),
         "processes": dist.size,
+        "planned_steps": steps_per_run(cfg, len(items)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "answers.json").write_text(
@@ -566,6 +567,12 @@ def play_review(
 def _summary_text(s: dict[str, Any], out: Path) -> str:
     ended = {"done": "finished", "guard_stopped": "rolled back by the guard"}
     lines = [f"{ended.get(s['status'], s['status'])} after {s['steps']} steps: {s['reason']}"]
+    planned = s.get("planned_steps") or 0
+    if s["status"] == "done" and s["steps"] < planned:
+        lines.append(
+            f"({planned - s['steps']} of the {planned} planned steps were not needed: images "
+            "whose rollouts all agreed were skipped in later rounds)"
+        )
     reverted = bool(s.get("review")) and s["review"]["applied"] == "revert"
     if s["status"] == "guard_stopped" and s["rolled_back_to"] == 0 or reverted:
         lines.append("kept: nothing - the saved adapter answers as the unadapted model")
