@@ -31,7 +31,7 @@ from .state import (
 
 POLL_S = 1.0
 
-HEADERS = ["name", "status", "steps", "reward", "consensus", "acc. before", "acc. after",
+HEADERS = ["name", "status", "steps", "last reward", "last consensus", "acc. before", "acc. after",
            "flipped", "images", "model", "created", "id"]  # fmt: skip
 # The id column fits a whole 12-character id at 1280 px (tests/test_browser.py checks it).
 WIDTHS = ["18%", "8%", "6%", "7%", "7%", "7%", "7%", "6%", "6%", "7%", "9%", "12%"]
