@@ -40,6 +40,25 @@ from ttrv.rollout import (
 from ttrv.scoring import _pixel_logprobs, batch_logprobs, packed_attention
 from ttrv.tasks import Item, build_prompt, image_sha256
 
+
+def gradient_reader(model):
+    """`grads(fn)` -> (log-probs fn returns, the LoRA gradients of their sum), with the
+    LoRA weights given non-zero values first (B = 0 would leave A's gradients zero)."""
+    params = list(trainable_params(model).values())
+    for p in params:
+        torch.nn.init.normal_(p, std=0.05)
+    model.train()
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        logp = fn()
+        logp.sum().backward()
+        return logp.detach(), [p.grad.clone() for p in params]
+
+    return grads
+
+
 # ---- pure helpers ------------------------------------------------------------------------
 
 
@@ -149,17 +168,7 @@ def test_batched_logprobs_and_grads_match(tiny_model_dir, family, shared):
         [row[row != policy.pad] for row in t] for t in sample_many(policy, encoded, [2, 3, 1], gen)
     ]
     comps = [[c if len(c) else torch.tensor([policy.eos[0]]) for c in cs] for cs in comps]
-    params = list(trainable_params(loaded.model).values())
-    for p in params:  # non-zero LoRA B, so that A's gradients are non-zero too
-        torch.nn.init.normal_(p, std=0.05)
-    loaded.model.train()
-
-    def grads(fn):
-        for p in params:
-            p.grad = None
-        logp = fn()
-        logp.sum().backward()
-        return logp.detach(), [p.grad.clone() for p in params]
+    grads = gradient_reader(loaded.model)
 
     def alone():  # the plain reference: each completion after its own unpadded prompt
         parts = [_pixel_logprobs(loaded.model, e, c, policy.pad, 1.0)[0]
@@ -306,17 +315,7 @@ def test_packed_forward_matches_full_sequences(
     assert len(words) >= 6
     lengths = [[3, 6], [1, 4, 2], [5]]
     comps = [[words[:n] for n in ns] for ns in lengths]
-    params = list(trainable_params(model).values())
-    for p in params:  # non-zero LoRA B, so that A's gradients are non-zero too
-        torch.nn.init.normal_(p, std=0.05)
-    model.train()
-
-    def grads(fn):
-        for p in params:
-            p.grad = None
-        logp = fn()
-        logp.sum().backward()
-        return logp.detach(), [p.grad.clone() for p in params]
+    grads = gradient_reader(model)
 
     def alone():
         parts = [_pixel_logprobs(model, e, c, policy.pad, 0.7)[0]
