@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .paths import DB_NAME
 from .schema import ACTIVE_STATUSES, StoreError, translate
 from .store import RUN_END_STATUS, Store
 
@@ -424,6 +425,23 @@ def load_session_items(rows: list[dict[str, Any]]) -> list[Any]:
     return items
 
 
+def existing_store(data_dir: str | os.PathLike[str] | None) -> Store:
+    """The app's store in `data_dir`, which must hold one already (never created here: a
+    mistyped folder is an error, not a new empty store)."""
+    if data_dir is None or not (Path(data_dir) / DB_NAME).is_file():
+        raise StoreError(
+            f"No session store in {data_dir}: --data-dir names the app's data directory "
+            f"(the one holding {DB_NAME})."
+        )
+    return Store(data_dir)
+
+
+def session_data(data_dir: str | os.PathLike[str] | None, sid: str) -> tuple[dict, list]:
+    """(config, `image_rows`) of a session the app created, for `adapt --session`."""
+    store = existing_store(data_dir)
+    return store.get_session(sid)["config"], image_rows(store, sid)
+
+
 def session_run(
     data_dir: str | os.PathLike[str] | None,
     sid: str,
@@ -432,7 +450,7 @@ def session_run(
 ) -> Run:
     """The `Run` of `python -m ttrv adapt --session SID`: a run of a session the app
     created (its config and images), as the app's worker starts one on several devices."""
-    store = Store(data_dir)
+    store = existing_store(data_dir)
     store.get_session(sid)  # a wrong id is refused with the store's message
     (out / SESSION_FILE).write_text(
         json.dumps({"session_id": sid, "data_dir": str(store.data_dir)}, indent=1)

@@ -312,10 +312,11 @@ class Worker:
         session = self.store.get_session(sid)
         if self._stop.is_set():  # the app is closing: marked interrupted when it next starts
             return {"status": session["status"], "exit_code": code}
-        if stopped_early and session["status"] in (*NOT_TAKEN_OVER, *ACTIVE_STATUSES):
+        unended = session["status"] in (*NOT_TAKEN_OVER, *ACTIVE_STATUSES)
+        if stopped_early and unended:
             self.store.set_status(sid, "stopped", reason="stopped before it started")
             return {"status": "stopped", "reason": "stopped before it started", "exit_code": code}
-        if session["status"] in ACTIVE_STATUSES or session["status"] in NOT_TAKEN_OVER:
+        if unended:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
             message = (
                 f"The {model.data_parallel()}-process run ended (exit code {code}) before "
@@ -333,22 +334,23 @@ class Worker:
         session over, or ends the launch if it has not by the time it is seen."""
         import subprocess
 
-        passed_on = 0
         while True:
             try:
                 return child.wait(timeout=WATCH_S), False
             except subprocess.TimeoutExpired:
                 pass
-            asked = [e for e in self.store.events(sid, kind=jobs.STOP_BEFORE_START)
-                     if e["created"] >= claimed]  # fmt: skip
-            if len(asked) <= passed_on:
-                continue
-            if self.store.status(sid) in ACTIVE_STATUSES:  # it has begun: stop as usual
+            # The status first: once the run has begun, a stop asked later reaches it the
+            # usual way (request_stop sees it running), and one asked earlier left its event.
+            begun = self.store.status(sid) in ACTIVE_STATUSES
+            asked = any(e["created"] >= claimed
+                        for e in self.store.events(sid, kind=jobs.STOP_BEFORE_START))  # fmt: skip
+            if asked and not begun:
+                child.send_signal(signal.SIGTERM)  # the launcher stops its processes
+                return child.wait(), True
+            if asked:
                 jobs.request_stop(self.store, sid)
-                passed_on = len(asked)
-                continue
-            child.send_signal(signal.SIGTERM)  # the launcher stops its processes
-            return child.wait(), True
+            if begun:  # nothing left to watch for: the run answers stops itself
+                return child.wait(), False
 
     def _answer_phase(self, sid: str, phase: str, with_adapter: bool) -> dict[str, Any]:
         from ttrv.adapt import load_adapter_weights, make_policy

@@ -273,7 +273,7 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(args, base)
     if saved is not None:
         if args.out is None:  # the same folder: its checkpoints, events and adapter
-            args.out = Path(args.resume).resolve().parent.parent
+            args.out = _run_folder(args.resume)
         run = AdaptConfig.from_dict(saved).to_dict()  # an older run's file, completed
         args.notes = [f"resuming with {d['key']} = {d['b']!r} (the run had {d['a']!r})"
                       for d in config_diff(run, cfg.to_dict())]  # fmt: skip
@@ -290,12 +290,9 @@ def cmd_adapt(args: argparse.Namespace, argv: list[str]) -> int:
             f"{args.out} already holds a run: give another --out, or continue that run with "
             f"--resume {args.out / 'checkpoints'}/<its latest>."
         )
-    if not launched():  # GPUs this machine lacks: said before images are read or launched
-        from .placement import check_gpus
-
-        check_gpus(cfg.model)
-    if cfg.model.data_parallel() > 1 and not launched():
-        return _relaunch(cfg, argv)
+    relaunched = _launch_if_asked(cfg, argv)
+    if relaunched is not None:
+        return relaunched
     dist = current()  # joins the launcher's group, if any, before the model is loaded
     items = _load_items(args.images, args.labels, quiet=not dist.is_main)
     if dist.is_main:
@@ -328,9 +325,14 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return "; continue with: " + " ".join(command)
 
 
+def _run_folder(checkpoint: Path) -> Path:
+    """The output folder of the run a checkpoint (`<out>/checkpoints/<tag>`) belongs to."""
+    return Path(checkpoint).resolve().parent.parent
+
+
 def _run_config(checkpoint: Path) -> dict[str, Any] | None:
-    """The config.json of the run a checkpoint (`<out>/checkpoints/<tag>`) belongs to."""
-    path = Path(checkpoint).resolve().parent.parent / "config.json"
+    """The config.json of the run a checkpoint belongs to (None when it has none)."""
+    path = _run_folder(checkpoint) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -355,6 +357,20 @@ def _stop_check(recorder: Any, sink: Any) -> Any:
         return bool(recorder.stop_requested())
 
     return stop
+
+
+def _launch_if_asked(cfg: AdaptConfig, argv: list[str]) -> int | None:
+    """Outside a launcher: refuse devices this machine lacks (before images are read or
+    processes start), then, when the config asks for several processes, run this command
+    under the launcher and return its exit status; None to run here."""
+    from .distributed import launched
+
+    if launched():
+        return None
+    from .placement import check_gpus
+
+    check_gpus(cfg.model)
+    return _relaunch(cfg, argv) if cfg.model.data_parallel() > 1 else None
 
 
 def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:
@@ -385,7 +401,7 @@ def _relaunch(cfg: AdaptConfig, argv: list[str]) -> int:
 def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
     """`adapt --session ID`: the session's own config and images (read by the main
     process, handed to the others), recorded in that session."""
-    from .distributed import current, launched
+    from .distributed import current
 
     given = {"images": args.images, "--config": args.config, "--labels": args.labels,
              "--review": args.review, "--store": args.store, "--name": args.name}  # fmt: skip
@@ -402,25 +418,16 @@ def _adapt_session(args: argparse.Namespace, argv: list[str]) -> int:
     data: Any = None
     if dist.is_main:
         try:
-            if args.data_dir is None or not (Path(args.data_dir) / "sessions.db").is_file():
-                raise runs.StoreError(
-                    f"No session store in {args.data_dir}: --data-dir names the app's data "
-                    "directory (the one holding sessions.db)."
-                )
-            store = runs.Store(args.data_dir)
-            data = (store.get_session(args.session)["config"], runs.image_rows(store, args.session))
+            data = runs.session_data(args.data_dir, args.session)
         except runs.StoreError as e:  # said by every process, not left waiting for data
             data = str(e)
     data = dist.broadcast(data)
     if isinstance(data, str):
         raise ValueError(data)
     cfg = AdaptConfig.from_dict(data[0])
-    if not launched():  # an imported session may name GPUs this machine lacks
-        from .placement import check_gpus
-
-        check_gpus(cfg.model)
-    if cfg.model.data_parallel() > 1 and not launched():
-        return _relaunch(cfg, argv)
+    relaunched = _launch_if_asked(cfg, argv)  # an imported session may name absent GPUs
+    if relaunched is not None:
+        return relaunched
     return _adapt_in_group(args, cfg, runs.load_session_items(data[1]), dist, runs=runs)
 
 
@@ -468,6 +475,7 @@ def _adapt_recorded(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    planned = steps_per_run(cfg, len(items))
     recorder: Any = _Unrecorded()
     if runs is not None:
         # The session first: a resume into a session that is still running elsewhere is
@@ -487,7 +495,7 @@ def _adapt_recorded(
             if args.resume:  # the same folder: its log as of the checkpoint, then this run's
                 rewind_jsonl(out / "events.jsonl", args.resume)
             jsonl = JsonlSink(out / "events.jsonl")
-            sink = fanout(jsonl, _progress(steps_per_run(cfg, len(items))), recorder.sink)
+            sink = fanout(jsonl, _progress(planned), recorder.sink)
             for note in getattr(args, "notes", ()):  # kept with the run (and its session)
                 jsonl("warning", {"message": note})
                 recorder.sink("warning", {"message": note})
@@ -529,7 +537,7 @@ def _adapt_recorded(
             accuracy_before if review and review["applied"] == "revert" else accuracy_run
         ),
         "processes": dist.size,
-        "planned_steps": steps_per_run(cfg, len(items)),
+        "planned_steps": planned,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "answers.json").write_text(
@@ -552,8 +560,8 @@ def play_review(
 
     before = {b["image_id"]: b["answer"] for b in result.before}
     after = {a["image_id"]: a["answer"] for a in result.after}
-    golds = {it.image_id: gold(it.label, cfg.task) for it in items if it.label is not None}
-    labels = {image_id: g for image_id, g in golds.items() if g is not None}  # scorable only
+    labels = {it.image_id: g for it in items  # scorable labels only
+              if it.label is not None and (g := gold(it.label, cfg.task)) is not None}  # fmt: skip
     marks, v = labelled_review(before, after, labels, cfg.optim.seed, n)
     applied = "keep"
     if v.recommendation == "revert":

@@ -88,13 +88,11 @@ def process_device(cfg: ModelConfig) -> torch.device:
         # `ttrv.launch` made only the listed GPUs visible, and accelerate set this
         # process's own: cuda:<local rank>, its current device.
         return torch.device("cuda", torch.cuda.current_device())
+    check_gpus(cfg)  # listed GPUs this machine lacks, device cuda without CUDA
     if gpus:
-        check_gpus(cfg)
         return torch.device("cuda", gpus[0])
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PlacementError("device='cuda' was asked for but no CUDA GPU is available; use cpu.")
     return torch.device(cfg.device)
 
 
